@@ -1,0 +1,134 @@
+# %% [markdown]
+# # Core utilities
+#
+# > Seeds, metric recording, progress bars and atomic files shared by every moebook notebook.
+
+# %%
+#| default_exp core
+
+# %%
+#| export
+from __future__ import annotations
+import json, math, os, random, tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+# %%
+from fastcore.test import test_eq, test_fail, test_close
+
+# %% tags=["parameters"]
+seed: int = 0  # the only parameter of this utility notebook: the seed its examples use
+
+
+# %% [markdown]
+# ## Reproducibility
+#
+# Every experiment takes `seed` as a papermill parameter and calls `seed_everything` first. On a CPU
+# this makes two runs with the same parameters produce identical metrics (a test in
+# `tests/test_runner.py` checks it end to end).
+
+# %%
+#| export
+def seed_everything(seed: int, # seed for `random`, NumPy and torch (all devices)
+                    deterministic: bool = True, # also ask torch for deterministic kernels
+                   ) -> torch.Generator: # a CPU generator seeded with `seed`, for data pipelines
+    "Seed every random number generator moebook uses."
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__} ({seed!r})")
+    random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
+    if deterministic: torch.use_deterministic_algorithms(True, warn_only=True)
+    return torch.Generator().manual_seed(seed)
+
+
+# %%
+seed_everything(seed); a = torch.rand(3)
+seed_everything(seed); test_eq(torch.rand(3), a)
+test_fail(lambda: seed_everything(1.5), contains="seed must be an int")
+
+
+# %%
+#| export
+def pick_device(device: str = "auto") -> torch.device:
+    "`'auto'` picks CUDA when available, else CPU; any other string is passed to `torch.device`."
+    if device == "auto": return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+# %%
+test_eq(pick_device("cpu"), torch.device("cpu"))
+
+# %% [markdown]
+# ## Recording metrics
+#
+# Notebooks call `record_metrics` with the numbers worth keeping. Interactively it only returns what was
+# recorded so far; under `moebook run` the runner sets `MOEBOOK_METRICS` to a file path and every call
+# merges the new values into that JSON file, which ends up in the run's `metrics.json`.
+
+# %%
+#| export
+METRICS_ENV = "MOEBOOK_METRICS"
+_recorded: dict[str, Any] = {}
+
+def to_jsonable(x: Any) -> Any:
+    "Convert tensors, NumPy values, paths and containers of them into plain JSON values."
+    if isinstance(x, torch.Tensor): x = x.detach().cpu().tolist() if x.numel() != 1 else x.item()
+    if isinstance(x, np.generic): x = x.item()
+    if isinstance(x, np.ndarray): x = x.tolist()
+    if isinstance(x, Path): return str(x)
+    if isinstance(x, dict): return {str(k): to_jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)): return [to_jsonable(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x): return str(x)  # JSON has no NaN/inf
+    return x
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    "Write `text` to `path` through a temporary file and a rename, so readers never see half a file."
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f: f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp): os.unlink(tmp)
+        raise
+    return path
+
+def record_metrics(**metrics) -> dict[str, Any]:
+    "Record named metrics for this run; returns everything recorded so far."
+    _recorded.update(to_jsonable(metrics))
+    if path := os.environ.get(METRICS_ENV):
+        p = Path(path)
+        old = json.loads(p.read_text()) if p.exists() else {}
+        atomic_write_text(p, json.dumps({**old, **_recorded}, indent=2, sort_keys=True))
+    return dict(_recorded)
+
+
+# %%
+with tempfile.TemporaryDirectory() as d:
+    os.environ[METRICS_ENV] = f"{d}/m.json"
+    try:
+        record_metrics(loss=torch.tensor(0.5), curve=np.arange(3), bad=float("nan"))
+        record_metrics(acc=1.0)
+        test_eq(json.loads(Path(f"{d}/m.json").read_text()), {"acc": 1.0, "bad": "nan", "curve": [0, 1, 2], "loss": 0.5})
+    finally: del os.environ[METRICS_ENV]; _recorded.clear()
+
+
+# %% [markdown]
+# ## Progress bars
+#
+# Long loops use `progress`, a notebook-friendly tqdm. Every experiment notebook has a `progress: bool`
+# parameter, and `MOEBOOK_QUIET=1` silences all bars (the test suite sets it).
+
+# %%
+#| export
+def progress(iterable: Iterable | None = None, enabled: bool = True, **kwargs):
+    "A tqdm bar over `iterable`, off when `enabled` is False or `MOEBOOK_QUIET` is set."
+    quiet = os.environ.get("MOEBOOK_QUIET", "") not in ("", "0")
+    return tqdm(iterable, disable=(not enabled) or quiet, **kwargs)
+
+
+# %%
+test_eq(list(progress(range(3), enabled=False)), [0, 1, 2])

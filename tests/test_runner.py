@@ -1,0 +1,100 @@
+"`moebook run` / `moebook runs`: parameter checking, recording, sweeps, determinism."
+import json
+
+import nbformat
+import pytest
+
+from conftest import NBS, moebook_cli
+
+TOY = """\
+import torch
+from moebook.core import seed_everything, record_metrics
+seed_everything(seed)
+x = torch.randn(64, 8)
+w = torch.randn(8, 1, requires_grad=True)
+for _ in range(steps):
+    loss = (x @ w).pow(2).mean(); loss.backward()
+    with torch.no_grad(): w -= lr * w.grad; w.grad = None
+record_metrics(loss=loss.item(), label=label)
+"""
+
+
+@pytest.fixture
+def toy(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    p = nbformat.v4.new_code_cell("seed: int = 0\nsteps: int = 5\nlr: float = 0.1\nlabel = 'a'\nfast: bool = True")
+    p.metadata["tags"] = ["parameters"]
+    nb.cells = [p, nbformat.v4.new_code_cell(TOY)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    path = tmp_path / "toy.ipynb"
+    nbformat.write(nb, path)
+    return path
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-p", "stepz", "3"], "unknown parameter 'stepz' (did you mean 'steps'?)"),
+    (["-p", "steps", "3.5"], "parameter 'steps' expects int"),
+    (["-p", "fast", "maybe"], "parameter 'fast' expects bool"),
+    (["-p", "lr", "1e-3,fast"], "parameter 'lr' expects float"),
+    (["-p", "steps", "1", "-p", "steps", "2"], "given twice"),
+])
+def test_bad_parameters_exit_2_and_write_nothing(toy, tmp_path, args, message):
+    r = moebook_cli("run", toy, *args, "--runs-dir", tmp_path / "runs")
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_notebook_is_a_clear_error(tmp_path):
+    r = moebook_cli("run", tmp_path / "nope.ipynb", "--runs-dir", tmp_path / "runs")
+    assert r.returncode == 2 and "notebook not found" in r.stderr
+
+
+def test_real_notebook_bad_parameter_is_refused_before_running(tmp_path):
+    r = moebook_cli("run", NBS / "00_core.ipynb", "-p", "seed", "zero", "--runs-dir", tmp_path / "runs")
+    assert r.returncode == 2 and "'seed' expects int" in r.stderr and not (tmp_path / "runs").exists()
+
+
+def test_run_records_metrics_and_environment(toy, tmp_path):
+    r = moebook_cli("run", toy, "-p", "steps", "3", "--runs-dir", tmp_path / "runs", "--no-progress")
+    assert r.returncode == 0, r.stderr + r.stdout
+    (run,) = (tmp_path / "runs" / "toy").iterdir()
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["status"] == "ok" and m["overrides"] == {"steps": 3} and m["seed"] == 0
+    assert set(m["metrics"]) == {"loss", "label"} and m["parameters"]["lr"] == 0.1
+    assert m["versions"]["torch"] and m["wall_time_s"] > 0 and "git_commit" in m
+    assert (run / "toy.ipynb").exists()
+    listing = moebook_cli("runs", "--runs-dir", tmp_path / "runs")
+    assert "toy" in listing.stdout and "steps=3" in listing.stdout
+
+
+def test_same_parameters_give_identical_metrics(toy, tmp_path):
+    for _ in range(2):
+        assert moebook_cli("run", toy, "-p", "seed", "3", "--runs-dir", tmp_path / "runs", "--no-progress").returncode == 0
+    a, b = [json.loads(p.read_text())["metrics"] for p in sorted((tmp_path / "runs" / "toy").glob("*/metrics.json"))]
+    assert a == b
+    moebook_cli("run", toy, "-p", "seed", "4", "--runs-dir", tmp_path / "runs2", "--no-progress")
+    (c,) = [json.loads(p.read_text())["metrics"] for p in (tmp_path / "runs2" / "toy").glob("*/metrics.json")]
+    assert c["loss"] != a["loss"], "the seed must matter"
+
+
+def test_sweep_is_a_cartesian_product_and_shards_split_it(toy, tmp_path):
+    r = moebook_cli("run", toy, "-p", "lr", "0.1,0.2", "-p", "label", r"x\,y,z", "--runs-dir", tmp_path / "runs",
+                    "--shard", "1/2", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    got = sorted((json.loads(p.read_text())["overrides"]["lr"], json.loads(p.read_text())["overrides"]["label"])
+                 for p in (tmp_path / "runs" / "toy").glob("*/metrics.json"))
+    assert got == [(0.1, "z"), (0.2, "z")]  # combos 1 and 3 of [(0.1,'x,y'), (0.1,'z'), (0.2,'x,y'), (0.2,'z')]
+
+
+def test_failing_notebook_is_recorded_as_failed(toy, tmp_path):
+    r = moebook_cli("run", toy, "-p", "steps", "-1", "-p", "lr", "0.1", "--runs-dir", tmp_path / "runs", "--no-progress")
+    # steps=-1 runs no step, so `loss` is undefined: the notebook fails, the run says so, exit code 1
+    assert r.returncode == 1
+    (m,) = [json.loads(p.read_text()) for p in (tmp_path / "runs" / "toy").glob("*/metrics.json")]
+    assert m["status"] == "failed" and "NameError" in m["error"]
+
+
+def test_params_command_lists_typed_defaults():
+    r = moebook_cli("params", NBS / "00_core.ipynb")
+    assert r.returncode == 0 and "seed: int = 0" in r.stdout
