@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 # %% auto #0
@@ -18,8 +17,9 @@ __all__ = ['METRICS_ENV', 'seed_everything', 'pick_device', 'to_jsonable', 'atom
 # %% ../nbs/00_core.ipynb #0d781e28
 def seed_everything(seed: int, # seed for `random`, NumPy and torch (all devices)
                     deterministic: bool = True, # also ask torch for deterministic kernels
-                   ) -> torch.Generator: # a CPU generator seeded with `seed`, for data pipelines
+                   ) -> "torch.Generator": # a CPU generator seeded with `seed`, for data pipelines
     "Seed every random number generator moebook uses."
+    import torch
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int, got {type(seed).__name__} ({seed!r})")
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
@@ -27,8 +27,9 @@ def seed_everything(seed: int, # seed for `random`, NumPy and torch (all devices
     return torch.Generator().manual_seed(seed)
 
 # %% ../nbs/00_core.ipynb #c0d4d589
-def pick_device(device: str = "auto") -> torch.device:
+def pick_device(device: str = "auto") -> "torch.device":
     "`'auto'` picks CUDA when available, else CPU; any other string is passed to `torch.device`."
+    import torch
     if device == "auto": return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
@@ -38,7 +39,8 @@ _recorded: dict[str, Any] = {}
 
 def to_jsonable(x: Any) -> Any:
     "Convert tensors, NumPy values, paths and containers of them into plain JSON values."
-    if isinstance(x, torch.Tensor): x = x.detach().cpu().tolist() if x.numel() != 1 else x.item()
+    if hasattr(x, "detach") and hasattr(x, "numel"):  # a torch tensor (duck-typed: no torch import needed)
+        x = x.detach().cpu(); x = x.item() if x.numel() == 1 else x.tolist()
     if isinstance(x, np.generic): x = x.item()
     if isinstance(x, np.ndarray): x = x.tolist()
     if isinstance(x, Path): return str(x)

@@ -10,7 +10,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Sequence
 
-import nbformat
 from .core import METRICS_ENV, atomic_write_text, to_jsonable
 
 # %% auto #0
@@ -42,9 +41,13 @@ def _param_type(node: ast.AST, value: Any, name: str) -> type:
         raise ParameterError(f"parameter {name!r}: default {value!r} is not an int, float, str or bool")
     return type(value)
 
-def parameters_cell(nb: nbformat.NotebookNode, path: str | Path = "notebook") -> nbformat.NotebookNode:
-    "The single code cell tagged `parameters` in `nb`."
-    cells = [c for c in nb.cells if c.cell_type == "code" and "parameters" in c.get("metadata", {}).get("tags", [])]
+def _source(cell: dict) -> str:
+    src = cell.get("source", "")
+    return "".join(src) if isinstance(src, list) else src
+
+def parameters_cell(nb: dict, path: str | Path = "notebook") -> dict:
+    "The single code cell tagged `parameters` in the notebook `nb` (its JSON as a dict)."
+    cells = [c for c in nb.get("cells", []) if c.get("cell_type") == "code" and "parameters" in c.get("metadata", {}).get("tags", [])]
     if len(cells) != 1:
         raise ParameterError(f"{path} must have exactly one code cell tagged 'parameters', found {len(cells)}")
     return cells[0]
@@ -54,7 +57,9 @@ def read_parameters(path: str | Path) -> dict[str, Param]:
     path = Path(path)
     if not path.exists(): raise ParameterError(f"notebook not found: {path}")
     if path.suffix != ".ipynb": raise ParameterError(f"not a notebook (.ipynb): {path}")
-    src = parameters_cell(nbformat.read(path, as_version=4), path).source
+    try: nb = json.loads(path.read_text())  # plain JSON: nbformat's import alone takes ~2 s
+    except json.JSONDecodeError as e: raise ParameterError(f"{path} is not a valid notebook: {e}") from None
+    src = _source(parameters_cell(nb, path))
     lines, params = src.splitlines(), {}
     for node in ast.parse(src).body:
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
@@ -154,7 +159,7 @@ def run_notebook(notebook: str | Path, # the .ipynb to execute
     import papermill as pm
     notebook = Path(notebook).resolve()
     spec = read_parameters(notebook)
-    kernel_name = kernel_name or nbformat.read(notebook, as_version=4).metadata.get("kernelspec", {}).get("name", "python3")
+    kernel_name = kernel_name or json.loads(notebook.read_text()).get("metadata", {}).get("kernelspec", {}).get("name", "python3")
     overrides = check_parameters(spec, params or {})
     effective = {**{k: p.default for k, p in spec.items()}, **overrides}
     started = dt.datetime.now()

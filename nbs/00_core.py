@@ -14,10 +14,14 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
+# %% [markdown]
+# `torch` is imported inside the functions that need it, so that `moebook run` (which imports this module)
+# can check a run's parameters and answer in a fraction of a second.
+
 # %%
+import torch
 from fastcore.test import test_eq, test_fail, test_close
 
 # %% tags=["parameters"]
@@ -35,8 +39,9 @@ seed: int = 0  # the only parameter of this utility notebook: the seed its examp
 #| export
 def seed_everything(seed: int, # seed for `random`, NumPy and torch (all devices)
                     deterministic: bool = True, # also ask torch for deterministic kernels
-                   ) -> torch.Generator: # a CPU generator seeded with `seed`, for data pipelines
+                   ) -> "torch.Generator": # a CPU generator seeded with `seed`, for data pipelines
     "Seed every random number generator moebook uses."
+    import torch
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int, got {type(seed).__name__} ({seed!r})")
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
@@ -52,8 +57,9 @@ test_fail(lambda: seed_everything(1.5), contains="seed must be an int")
 
 # %%
 #| export
-def pick_device(device: str = "auto") -> torch.device:
+def pick_device(device: str = "auto") -> "torch.device":
     "`'auto'` picks CUDA when available, else CPU; any other string is passed to `torch.device`."
+    import torch
     if device == "auto": return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
@@ -75,7 +81,8 @@ _recorded: dict[str, Any] = {}
 
 def to_jsonable(x: Any) -> Any:
     "Convert tensors, NumPy values, paths and containers of them into plain JSON values."
-    if isinstance(x, torch.Tensor): x = x.detach().cpu().tolist() if x.numel() != 1 else x.item()
+    if hasattr(x, "detach") and hasattr(x, "numel"):  # a torch tensor (duck-typed: no torch import needed)
+        x = x.detach().cpu(); x = x.item() if x.numel() == 1 else x.tolist()
     if isinstance(x, np.generic): x = x.item()
     if isinstance(x, np.ndarray): x = x.tolist()
     if isinstance(x, Path): return str(x)
