@@ -4,7 +4,6 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 NBS := $(wildcard nbs/*.ipynb)
-export MPLBACKEND := Agg
 
 .PHONY: help install run test site lab export clean-nbs sync execute bench readme
 

@@ -7,7 +7,6 @@ ROOT = Path(__file__).resolve().parents[1]
 NBS = ROOT / "nbs"
 BIN = Path(sys.executable).parent
 os.environ.setdefault("MOEBOOK_QUIET", "1")
-os.environ.setdefault("MPLBACKEND", "Agg")
 
 
 def notebooks():
