@@ -4,7 +4,7 @@
 
 # %% ../nbs/02a_corpus.ipynb #b5a8aa4c
 from __future__ import annotations
-import ast, dataclasses, hashlib, json, math, os, platform, random, shutil, sys, sysconfig, tempfile, time
+import ast, dataclasses, hashlib, json, math, os, platform, random, shutil, sysconfig, tempfile, time
 import unicodedata, warnings
 from dataclasses import dataclass
 from functools import cached_property
@@ -28,12 +28,13 @@ DOMAINS = ("english", "code", "arithmetic", "unicode")
 SPLITS = ("train", "validation")
 EOS = "<|endoftext|>"
 FORMAT_VERSION = 1  # bump when the way text or tokens are produced changes
-MANIFEST_PATH = Path(__file__).resolve().parents[1] / "data" / "corpus_manifest.json" if "__file__" in globals() else Path("../data/corpus_manifest.json")
+# the committed manifest: relative to the package when imported, to `nbs/` when this notebook runs
+MANIFEST_PATH = (Path(__file__).resolve().parents[1] if "__file__" in globals() else Path("..")) / "data" / "corpus_manifest.json"
 
 @dataclass(frozen=True)
 class CorpusRecipe:
     "Everything that determines the corpus (with the Python version)."
-    max_bytes_per_domain: int = 1_500_000  # stop adding documents to a domain beyond this many UTF-8 bytes
+    max_bytes_per_domain: int = 1_500_000  # UTF-8 text budget per domain; validation gets `val_fraction` of it
     max_doc_bytes: int = 16_384  # longer sources are cut at line boundaries into documents of at most this size
     val_fraction: float = 0.1  # fraction of *sources* (files, topics, blocks) held out for validation
     vocab_size: int = 4096  # BPE vocabulary, including the 256 byte tokens and EOS
@@ -47,7 +48,7 @@ class CorpusRecipe:
         if type(self.arithmetic_seed) is not int: raise ValueError(f"CorpusRecipe.arithmetic_seed must be an int, got {self.arithmetic_seed!r}")
         if not (isinstance(self.val_fraction, float) and 0 < self.val_fraction < 0.5):
             raise ValueError(f"CorpusRecipe.val_fraction must be a float in (0, 0.5), got {self.val_fraction!r}")
-        if not 257 + 1 <= self.vocab_size <= 65_535:
+        if not 258 <= self.vocab_size <= 65_535:
             raise ValueError(f"CorpusRecipe.vocab_size must be in [258, 65535] (byte alphabet + EOS, uint16 storage), got {self.vocab_size}")
         if self.max_doc_bytes < 256:
             raise ValueError(f"CorpusRecipe.max_doc_bytes must be >= 256, got {self.max_doc_bytes}")
@@ -224,7 +225,7 @@ def hf_tokenizer(path: str | Path):
     from transformers import PreTrainedTokenizerFast
     path = Path(path); path = path / "tokenizer.json" if path.is_dir() else path
     if not path.exists(): raise FileNotFoundError(f"no tokenizer file at {path}")
-    return PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token=EOS, pad_token=EOS)
+    return PreTrainedTokenizerFast(tokenizer_file=str(path), bos_token=EOS, eos_token=EOS, pad_token=EOS)
 
 # %% ../nbs/02a_corpus.ipynb #ca539a6d
 def default_cache_dir() -> Path:
@@ -232,6 +233,18 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("MOEBOOK_CACHE", Path.home() / ".cache" / "moebook")) / "corpus"
 
 def _sha256_file(path: Path) -> str: return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+DOMAIN_PROVENANCE = {
+    "english": "CPython standard library: every topic of pydoc_data.topics (language reference and library topics "
+               "shown by help()), then the docstrings (module, classes, functions; read with ast, cleaned by "
+               "ast.get_docstring) of standard-library modules with >= 200 characters of docstrings; in stable-hash order",
+    "code": "CPython standard library .py sources (sorted walk of sysconfig stdlib dir; excluded: test/tests/idle_test "
+            "dirs, site-packages, distutils, ensurepip, pydoc_data, site.py, sysconfig.py, _sysconfigdata*); in stable-hash order",
+    "arithmetic": "generated: blocks of 32 problems 'a op b = c' (op in + - *, operands with 1-4 digits) from "
+                  "random.Random(stable_hash('arithmetic', arithmetic_seed, block)); exact answers",
+    "unicode": "CPython unicodedata: one line 'U+XXXX<TAB>char<TAB>NAME<TAB>category' per named code point "
+               "(algorithmic names such as CJK UNIFIED IDEOGRAPH-XXXX skipped), one source per 256 code points; in stable-hash order",
+}
 
 def build_corpus(recipe: CorpusRecipe, out_dir: str | Path) -> dict:
     "Build the corpus of `recipe` into the new directory `out_dir`; returns its manifest."
@@ -264,17 +277,7 @@ def build_corpus(recipe: CorpusRecipe, out_dir: str | Path) -> dict:
     manifest["build_seconds"] = round(time.time() - t0, 2)  # not in the file: it varies between builds
     return manifest
 
-DOMAIN_PROVENANCE = {
-    "english": "CPython standard library: every topic of pydoc_data.topics (language reference and library topics "
-               "shown by help()), then the docstrings (module, classes, functions; read with ast, cleaned by "
-               "ast.get_docstring) of standard-library modules with >= 200 characters of docstrings; in stable-hash order",
-    "code": "CPython standard library .py sources (sorted walk of sysconfig stdlib dir; excluded: test/tests/idle_test "
-            "dirs, site-packages, distutils, ensurepip, pydoc_data, site.py, sysconfig.py, _sysconfigdata*); in stable-hash order",
-    "arithmetic": "generated: blocks of 32 problems 'a op b = c' (op in + - *, operands with 1-4 digits) from "
-                  "random.Random(stable_hash('arithmetic', arithmetic_seed, block)); exact answers",
-    "unicode": "CPython unicodedata: one line 'U+XXXX<TAB>char<TAB>NAME<TAB>category' per named code point "
-               "(algorithmic names such as CJK UNIFIED IDEOGRAPH-XXXX skipped), one source per 256 code points; in stable-hash order",
-}
+
 
 # %% ../nbs/02a_corpus.ipynb #e20779d7
 class Corpus:
@@ -307,8 +310,9 @@ class Corpus:
 
     def _check_sizes(self, **sizes):
         for name, v in sizes.items():
-            if type(v) is not int or v < (1 if name in ("batch_size", "seq_len", "n_micro") else 0):
-                raise ValueError(f"{name} must be a {'positive' if name in ('batch_size', 'seq_len', 'n_micro') else 'non-negative'} int, got {v!r}")
+            positive = name in ("batch_size", "seq_len", "n_micro")
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < int(positive):
+                raise ValueError(f"{name} must be a {'positive' if positive else 'non-negative'} int, got {v!r}")
 
     def tokens(self, domain: str, split: str = "train") -> np.ndarray:
         "The whole token stream of `domain`/`split`: (N,) uint16, memory-mapped, documents separated by EOS."
@@ -456,23 +460,31 @@ def write_manifest(corpus: Corpus, path: str | Path = MANIFEST_PATH) -> Path:
     "Write `corpus`'s manifest to `path` (default: the repository's `data/corpus_manifest.json`)."
     return atomic_write_text(path, json.dumps(corpus.manifest, indent=1, sort_keys=True) + "\n")
 
-def compare_manifest(built: dict, reference: dict) -> dict:
-    "Compare two manifests: `{'text': ..., 'tokens': ...}`, each `'equal'`, a list of differences, or why it does not apply."
+def _checked_fields(manifest: dict, fields: tuple[str, ...]) -> dict[str, object]:
+    "Flatten the per-domain (`text_sha256`) and per-split fields of a manifest into `{'domain/split/field': value}`."
+    out = {}
+    for d, entry in manifest["domains"].items():
+        if "text_sha256" in fields: out[f"{d}/text_sha256"] = entry["text_sha256"]
+        out.update({f"{d}/{s}/{f}": entry["splits"][s][f] for s in SPLITS for f in fields if f != "text_sha256"})
+    return out
+
+def compare_manifest(built: dict, # manifest of a (re)built corpus
+                     reference: dict, # manifest to check against (e.g. the committed one)
+                    ) -> dict: # {'text': ..., 'tokens': ...}, each 'equal', a list of differences, or why it does not apply
+    "Compare the sizes and checksums of two manifests of the same recipe."
     if built["recipe"] != reference["recipe"]: raise ValueError("the manifests come from different recipes; compare like with like")
     def diff(fields):
-        out = [f"{d}: {f} {built['domains'][d]['splits'][s].get(f) if f != 'text_sha256' else built['domains'][d][f]} != "
-               f"{reference['domains'][d]['splits'][s].get(f) if f != 'text_sha256' else reference['domains'][d][f]}"
-               for d in reference["domains"] for s in SPLITS for f in fields
-               if (built["domains"][d]["splits"][s].get(f), built["domains"][d][f] if f == "text_sha256" else 0)
-               != (reference["domains"][d]["splits"][s].get(f), reference["domains"][d][f] if f == "text_sha256" else 0)]
-        return "equal" if not out else sorted(set(out))
+        a, b = _checked_fields(built, fields), _checked_fields(reference, fields)
+        out = [f"{k}: {a.get(k)} != {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        return out or "equal"
     if built["python"] != reference["python"]:
         why = f"not comparable: Python {built['python']} here, the reference was built with Python {reference['python']} (its standard library differs)"
         return {"text": why, "tokens": why}
-    res = {"text": diff(["text_sha256", "bytes", "documents", "sources"])}
+    res = {"text": diff(("text_sha256", "bytes", "documents", "sources"))}
     if built["tokenizers"] != reference["tokenizers"]:
         res["tokens"] = f"not comparable: tokenizers {built['tokenizers']} here, the reference used {reference['tokenizers']}"
-    else: res["tokens"] = diff(["tokens", "tokens_sha256"]) if built["tokenizer_sha256"] == reference["tokenizer_sha256"] else ["tokenizer.json differs"]
+    elif built["tokenizer_sha256"] != reference["tokenizer_sha256"]: res["tokens"] = ["tokenizer.json differs"]
+    else: res["tokens"] = diff(("tokens", "tokens_sha256"))
     return res
 
 # %% ../nbs/02a_corpus.ipynb #90377933
