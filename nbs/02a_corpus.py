@@ -825,14 +825,7 @@ print(corpus); print(f"{'loaded from the cache' if was_cached else 'built from s
 
 # %%
 #| slow
-import io
 import matplotlib.pyplot as plt
-from IPython.display import Image, display
-
-def show(fig):
-    "Display `fig` as a PNG whatever the matplotlib backend (tests run with MPLBACKEND=Agg)."
-    buf = io.BytesIO(); fig.savefig(buf, format="png", dpi=100, bbox_inches="tight"); plt.close(fig)
-    display(Image(buf.getvalue()))
 
 man = corpus.manifest["domains"]
 rows = []
@@ -859,7 +852,7 @@ for i in range(len(x)):
     for j in range(len(x)): axes[1].text(j, i, f"{ce[i, j]:.2f}", ha="center", va="center", color="w" if ce[i, j] < ce.mean() else "k")
 axes[1].set_xticks(x, corpus.domains, rotation=30); axes[1].set_yticks(x, corpus.domains)
 axes[1].set_xlabel("evaluated on (validation)"); axes[1].set_ylabel("unigram model of (train)")
-axes[1].set_title("Unigram cross-entropy, nats/token"); fig.colorbar(im, ax=axes[1]); fig.tight_layout(); show(fig)
+axes[1].set_title("Unigram cross-entropy, nats/token"); fig.colorbar(im, ax=axes[1]); fig.tight_layout(); plt.show()
 
 # %% [markdown]
 # Which tokens make the domains different: the tokens with the largest share of each domain's probability
@@ -877,7 +870,7 @@ for ax, d in zip(axes, corpus.domains):
     top = np.argsort(-contrib, kind="stable")[:10][::-1]
     ax.barh(range(10), contrib[top]); ax.set_yticks(range(10), [repr(corpus.tokenizer.decode([int(i)]))[:14] for i in top], fontsize=8)
     ax.set_title(f"{d}: KL vs rest {contrib.sum():.2f}"); ax.set_xlabel("p log(p/q), nats")
-fig.tight_layout(); show(fig)
+fig.tight_layout(); plt.show()
 print("unigram KL(row || column), nats:")
 print(f"{'':<11}" + "".join(f"{d:>11}" for d in corpus.domains))
 for d, r in zip(corpus.domains, kl): print(f"{d:<11}" + "".join(f"{v:>11.3f}" for v in r))
