@@ -824,9 +824,10 @@ print(corpus); print(f"{'loaded from the cache' if was_cached else 'built from s
 # ### Statistics per domain
 
 # %%
-#| slow
 import matplotlib.pyplot as plt
 
+# %%
+#| slow
 man = corpus.manifest["domains"]
 rows = []
 for d in corpus.domains:

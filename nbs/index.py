@@ -81,6 +81,8 @@ show_runs: bool = False  # list the recorded runs below the summary
 
 # %%
 #| hide
-if show_runs:
-    from moebook.runner import list_runs, format_runs
-    print(format_runs(list_runs("../runs")))
+from moebook.runner import list_runs, format_runs
+
+# %%
+#| hide
+if show_runs: print(format_runs(list_runs("../runs")))

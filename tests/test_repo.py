@@ -69,3 +69,17 @@ def test_readme_leads_with_the_two_commands():
 def test_readme_is_generated_from_index():
     from moebook.site import readme_text
     assert (ROOT / "README.md").read_text() == readme_text(ROOT), "README.md is stale: run `make readme`"
+
+
+@pytest.mark.parametrize("nb", notebooks(), ids=lambda p: p.stem)
+def test_imports_live_in_their_own_cells(nb):
+    "nbdev runs every cell that imports something while building the docs, so such cells may not use experiment state."
+    import ast
+    bad = []
+    for i, c in enumerate(nbformat.read(nb, as_version=4).cells):
+        if c.cell_type != "code" or "#| export" in c.source or "#| exporti" in c.source or "#| eval: false" in c.source: continue
+        try: body = ast.parse("\n".join(l for l in c.source.splitlines() if not l.lstrip().startswith(("%", "!")))).body
+        except SyntaxError: continue
+        has_import = any(isinstance(n, (ast.Import, ast.ImportFrom)) for n in ast.walk(ast.Module(body=body, type_ignores=[])))
+        if has_import and any(not isinstance(n, (ast.Import, ast.ImportFrom)) for n in body): bad.append(i)
+    assert not bad, f"{nb.name}: cells {bad} mix imports with other code; move the imports into a cell of their own"
