@@ -432,8 +432,8 @@ for name, got, want in rows:
     verdicts.append(ok)
     print(f"{name:66s} {got:12.4e} {want:14.4e}  {'holds' if ok else 'VIOLATED'}")
 assert all(verdicts)
-record_metrics(schedule_guarantees_hold=all(verdicts), rewarm_boundary_jump=boundary_jump(rw, pre_n),
-               infinite_constant_entry_jump=boundary_jump(inf_ex, w + c))
+_ = record_metrics(schedule_guarantees_hold=all(verdicts), rewarm_boundary_jump=boundary_jump(rw, pre_n),
+                   infinite_constant_entry_jump=boundary_jump(inf_ex, w + c))
 
 # %% [markdown]
 # Every guarantee holds on the examples above (the table is computed, not typed); the unit tests
