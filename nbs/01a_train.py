@@ -50,7 +50,7 @@ from moebook.core import pick_device, seed_everything
 import json, shutil, subprocess, sys, time
 from types import SimpleNamespace
 from fastcore.test import test_eq, test_close, test_fail
-from moebook.schedules import WarmupCosine, InfiniteSchedule
+from moebook.schedules import WarmupCosine
 
 # %% tags=["parameters"]
 seed: int = 0  # seed of the model, the data and the loop
