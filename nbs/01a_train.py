@@ -549,11 +549,13 @@ test_fail(lambda: train(nn.Identity(), regression_batches(), TrainConfig(progres
 # DDP on the same loop.
 
 # %%
-#| slow
 import matplotlib.pyplot as plt
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 from moebook.core import record_metrics
+
+# %%
+#| slow
 hf_logging.set_verbosity_error()
 
 rng = np.random.default_rng(seed)

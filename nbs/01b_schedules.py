@@ -382,6 +382,7 @@ def schedule_values(sched, steps: int) -> list[float]:
 # %%
 import matplotlib.pyplot as plt
 
+# %%
 n = plot_steps
 pre_n, cpt_n = n // 2, n - n // 2
 examples = {
@@ -408,6 +409,8 @@ plt.tight_layout(); plt.show()
 # %%
 from moebook.core import record_metrics
 
+
+# %%
 def boundary_jump(sched, step: int) -> float: return abs(sched(step) - sched(step - 1))
 
 cw, rw, inf_ex = examples["warmup + cosine"], examples["pre-train, then re-warm + re-decay"], examples["infinite (inv-sqrt cooldown) + anneal"]
