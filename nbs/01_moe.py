@@ -491,7 +491,7 @@ def load_balancing_loss(probs: torch.Tensor, # (..., E) full softmax router prob
         return n_experts * (f * p_sum).sum() / m.sum().clamp(min=1)
     if balancer is None: raise ValueError("scope='global' needs a GlobalBalancer (balancer=...)")
     f, p_norm = balancer.fractions(counts, layer, top_k)
-    return n_experts * (f.to(p_sum) * p_sum).sum() / p_norm
+    return n_experts * (f.to(p_sum) * p_sum).sum() / p_norm.to(p_sum)
 
 def z_loss(logits: torch.Tensor, # (..., E) router logits
            mask: torch.Tensor | None = None, # (...) 1 = real token
@@ -613,13 +613,14 @@ class RoutingStats:
     sinkhorn_iters: int = 0
     sinkhorn_converged: bool = True
 
+@torch.no_grad()
 def routing_stats(aux: MoEAux, # what `MoELayer.forward` returned
                   mask: torch.Tensor | None = None, # token-shaped, 1 = real token
                  ) -> RoutingStats:
     "Load, max-violation, MRI, entropy and drops of one layer's forward."
     r = aux.router
     m = None if mask is None else mask.reshape(-1)
-    load = expert_counts(r.expert_idx, r.probs.shape[-1], m).detach().cpu()
+    load = expert_counts(r.expert_idx, r.probs.shape[-1], m).cpu()
     n_tokens = int(r.probs.shape[0] if m is None else m.sum())
     mean = load.float().mean().clamp(min=1e-12)
     ent = -(r.probs * torch.log(r.probs.clamp(min=1e-30))).sum(-1)
