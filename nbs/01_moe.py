@@ -938,6 +938,7 @@ def sample_batch(trans: torch.Tensor, batch: int, length: int, gen: torch.Genera
         x[:, t] = torch.multinomial(trans[dom, x[:, t - 1]], 1, generator=gen)[:, 0]
     return x
 
+torch.set_num_threads(1)  # tiny matmuls gain nothing from threads, and on a shared CPU they oversubscribe
 VOCAB, N_DOMAINS, BRANCHING = 64, 4, 3
 data_gen = seed_everything(seed)
 transitions = markov_domains(N_DOMAINS, VOCAB, BRANCHING, data_gen)
