@@ -667,7 +667,7 @@ def plot_load_heatmap(loads, # (layers, E) loads: tensor/array, or a list of Rou
 
 
 # %%
-import matplotlib.pyplot as plt; plt.close("all")
+import matplotlib.pyplot as plt
 
 # %%
 seed_everything(seed)
