@@ -300,29 +300,31 @@ def run_variant(variant: str, # one of VARIANTS
 
 # %% ../nbs/02_global_lbl.ipynb #9486591e
 def ddp_main(argv: list[str] | None = None) -> None:
-    "Entry point of the torchrun workers: `--config JSON --variants a,b --out DIR [--ckpt-root DIR] [--cache-dir DIR]`."
+    "Entry point of the torchrun workers: `--config JSON --seeds 0,1 --variants a,b --out DIR [--ckpt-root DIR] [--cache-dir DIR]`."
     import argparse
     ap = argparse.ArgumentParser(prog="moebook.global_lbl.ddp_main")
-    ap.add_argument("--config", required=True); ap.add_argument("--variants", required=True); ap.add_argument("--out", required=True)
+    for a in ("--config", "--seeds", "--variants", "--out"): ap.add_argument(a, required=True)
     ap.add_argument("--ckpt-root", default=None); ap.add_argument("--cache-dir", default=None)
     args = ap.parse_args(argv)
-    cfg = ExperimentConfig(**json.loads(args.config))
     torch.set_num_threads(1)
-    for variant in args.variants.split(","):
-        ckpt = str(Path(args.ckpt_root) / f"{variant}-seed{cfg.seed}") if args.ckpt_root else None
-        res = run_variant(variant, cfg, ckpt_dir=ckpt, cache_dir=args.cache_dir)
-        if dist.get_rank() == 0: save_checkpoint(res, Path(args.out) / f"{variant}.pt")
+    for s in map(int, args.seeds.split(",")):
+        cfg = ExperimentConfig(**{**json.loads(args.config), "seed": s})
+        for variant in args.variants.split(","):
+            ckpt = str(Path(args.ckpt_root) / f"{variant}-seed{s}") if args.ckpt_root else None
+            res = run_variant(variant, cfg, ckpt_dir=ckpt, cache_dir=args.cache_dir)
+            if dist.get_rank() == 0: save_checkpoint(res, Path(args.out) / f"{variant}-seed{s}.pt")
     dist.destroy_process_group()
 
-def run_ddp(cfg: ExperimentConfig, # the experiment
+def run_ddp(cfg: ExperimentConfig, # the experiment (its seed is replaced by each of `seeds`)
+            seeds: list[int], # one run of every variant per seed
             variants: tuple[str, ...] = DP_VARIANTS, # data-parallel variants to run, in this order
             out_dir: str | Path | None = None, # where rank 0 writes the results (default: a temporary folder)
             nproc: int = 2, # data-parallel ranks
             ckpt_root: str | None = None, # checkpoint root (one folder per variant and seed)
             cache_dir: str | None = None, # corpus cache
             timeout: float = 3600, # seconds
-           ) -> dict[str, dict]: # variant -> run_variant's result
-    "Run data-parallel variants under `torchrun` (gloo, CPU) and collect their results."
+           ) -> dict[tuple[str, int], dict]: # (variant, seed) -> run_variant's result
+    "Run data-parallel variants for every seed in one `torchrun` job (gloo, CPU) and collect their results."
     for v in variants:
         if v not in DP_VARIANTS: raise ValueError(f"{v!r} is not a data-parallel variant; those are {DP_VARIANTS}")
     if cfg.n_micro % nproc: raise ValueError(f"n_micro={cfg.n_micro} must be a multiple of nproc={nproc}")
@@ -332,12 +334,13 @@ def run_ddp(cfg: ExperimentConfig, # the experiment
            "PYTHONPATH": os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "--no-python",
            sys.executable, "-c", "import sys; from moebook.global_lbl import ddp_main; ddp_main(sys.argv[1:])",
-           "--config", json.dumps(dataclasses.asdict(cfg)), "--variants", ",".join(variants), "--out", str(out)]
+           "--config", json.dumps(dataclasses.asdict(cfg)), "--seeds", ",".join(map(str, seeds)),
+           "--variants", ",".join(variants), "--out", str(out)]
     if ckpt_root: cmd += ["--ckpt-root", str(ckpt_root)]
     if cache_dir: cmd += ["--cache-dir", str(cache_dir)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0: raise RuntimeError(f"torchrun failed (exit {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
-    return {v: load_checkpoint(out / f"{v}.pt") for v in variants}
+    return {(v, s): load_checkpoint(out / f"{v}-seed{s}.pt") for s in seeds for v in variants}
 
 # %% ../nbs/02_global_lbl.ipynb #a19fdf85
 def _run_in_worker(args: tuple) -> dict:
@@ -361,18 +364,16 @@ def run_experiment(cfg: ExperimentConfig, # settings of the first seed
     results = {}
     bar = progress_bar(total=len(jobs) + len(seeds) * any(v in DP_VARIANTS for v in variants), enabled=progress, desc="runs")
     if workers > 1 and len(jobs) > 1:
+        import moebook.global_lbl as module  # workers unpickle the function from the package, not from a notebook
         with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(_run_in_worker, job): job for job in jobs}
+            futures = {pool.submit(module._run_in_worker, job): job for job in jobs}
             for fut in cf.as_completed(futures):
                 job = futures[fut]; results[job[0], job[1]["seed"]] = fut.result(); bar.update()
     else:
         for job in jobs:
             results[job[0], job[1]["seed"]] = run_variant(job[0], job[1], job[2], cache_dir=job[3]); bar.update()
-    dp = tuple(v for v in variants if v in DP_VARIANTS)
-    for s in seeds if dp else []:
-        for v, res in run_ddp(dataclasses.replace(cfg, seed=s), dp, ckpt_root=ckpt_root, cache_dir=cache_dir).items():
-            results[v, s] = res
-        bar.update()
+    if dp := tuple(v for v in variants if v in DP_VARIANTS):
+        results.update(run_ddp(cfg, seeds, dp, ckpt_root=ckpt_root, cache_dir=cache_dir)); bar.update(len(seeds))
     bar.close()
     return results
 
