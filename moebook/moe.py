@@ -117,7 +117,7 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> RouterOutput:
         cfg = self.cfg
         logits = F.linear(x.float(), self.weight.float())
-        if not torch.isfinite(logits).all():
+        if not torch.isfinite(logits.sum()):  # one reduction instead of a (T, E) mask; sane finite logits cannot sum to inf
             raise FloatingPointError("non-finite router logits (NaN or inf): check the inputs and the learning rate")
         probs = logits.softmax(dim=-1)
         if cfg.router == "sinkhorn":
@@ -189,9 +189,15 @@ class GroupedExperts(nn.Module):
         self.use_grouped_mm = use_grouped_mm
         nn.init.normal_(self.w_gate_up, std=0.02); nn.init.normal_(self.w_down, std=0.02)
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, # (S, d) tokens sorted by expert
+                counts: torch.Tensor, # (E,) rows per expert
+                offsets: torch.Tensor, # (E,) int32 cumulative end offsets
+                row_scale: torch.Tensor | None = None, # (S,) gate of each row, applied before the (linear) down projection
+               ) -> torch.Tensor: # (S, d)
         gate, up = grouped_mm(x, self.w_gate_up, counts, offsets, self.use_grouped_mm).chunk(2, dim=-1)
-        return grouped_mm(F.silu(gate) * up, self.w_down, counts, offsets, self.use_grouped_mm)
+        h = F.silu(gate) * up
+        if row_scale is not None: h = h * row_scale[:, None]  # on width f, cheaper than scaling the (S, d) output
+        return grouped_mm(h, self.w_down, counts, offsets, self.use_grouped_mm)
 
 class SwiGLU(nn.Module):
     "Dense SwiGLU MLP (the dense FFN and the shared experts): (..., d) -> (..., d)."
@@ -232,8 +238,8 @@ class MoELayer(nn.Module):
         lead, tokens = x.shape[:-1], x.reshape(-1, x.shape[-1])
         routing = self.router(tokens)
         d = dispatch(routing.expert_idx, self.cfg.n_experts, self.capacity(tokens.shape[0]))
-        y = self.experts(tokens[d.token_idx], d.counts, d.offsets)                # (S, d)
-        y = y * routing.gates.reshape(-1)[d.slot_idx, None].to(y.dtype)           # gate each slot
+        gates = routing.gates.reshape(-1)[d.slot_idx].to(x.dtype)                 # (S,) gate of each sorted slot
+        y = self.experts(tokens.index_select(0, d.token_idx), d.counts, d.offsets, gates)  # (S, d), gated
         out = torch.zeros_like(tokens).index_add_(0, d.token_idx, y)              # weighted scatter-add
         if self.shared is not None: out = out + self.shared(tokens)
         return out.reshape(x.shape), MoEAux(routing, d.routed_counts, d.dropped, tuple(lead))
@@ -303,7 +309,7 @@ def load_balancing_loss(probs: torch.Tensor, # (..., E) full softmax router prob
         return n_experts * (f * p_sum).sum() / m.sum().clamp(min=1)
     if balancer is None: raise ValueError("scope='global' needs a GlobalBalancer (balancer=...)")
     f, p_norm = balancer.fractions(counts, layer, top_k)
-    return n_experts * (f.to(p_sum) * p_sum).sum() / p_norm
+    return n_experts * (f.to(p_sum) * p_sum).sum() / p_norm.to(p_sum)
 
 def z_loss(logits: torch.Tensor, # (..., E) router logits
            mask: torch.Tensor | None = None, # (...) 1 = real token
@@ -362,13 +368,14 @@ class RoutingStats:
     sinkhorn_iters: int = 0
     sinkhorn_converged: bool = True
 
+@torch.no_grad()
 def routing_stats(aux: MoEAux, # what `MoELayer.forward` returned
                   mask: torch.Tensor | None = None, # token-shaped, 1 = real token
                  ) -> RoutingStats:
     "Load, max-violation, MRI, entropy and drops of one layer's forward."
     r = aux.router
     m = None if mask is None else mask.reshape(-1)
-    load = expert_counts(r.expert_idx, r.probs.shape[-1], m).detach().cpu()
+    load = expert_counts(r.expert_idx, r.probs.shape[-1], m).cpu()
     n_tokens = int(r.probs.shape[0] if m is None else m.sum())
     mean = load.float().mean().clamp(min=1e-12)
     ent = -(r.probs * torch.log(r.probs.clamp(min=1e-30))).sum(-1)
