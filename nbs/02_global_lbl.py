@@ -739,6 +739,23 @@ if ddp:  # same initialisation and data: 2 ranks x micro scope = 1 process x mic
     for s in seeds: test_close(results["micro_dp", s]["history"][0]["loss"], results["micro", s]["history"][0]["loss"], eps=1e-4)
 
 # %% [markdown]
+# ### Validation perplexity per domain
+#
+# Relative to the micro-batch baseline of the same seed (negative = better than micro), mean and spread over seeds.
+
+# %%
+#| slow
+fig, ax = plt.subplots(figsize=(10, 3.4))
+others = [v for v in variants if v != "micro"]; wdt = 0.8 / len(others)
+for i, v in enumerate(others):
+    rel = np.array([[results[v, s]["eval"]["ppl"][d] / results["micro", s]["eval"]["ppl"][d] - 1 for d in corpus.domains] for s in seeds]) * 100
+    ax.bar(np.arange(len(corpus.domains)) + (i - len(others) / 2 + 0.5) * wdt, rel.mean(0), wdt,
+           yerr=rel.std(0) if len(seeds) > 1 else None, label=v)
+ax.axhline(0, color="k", lw=0.8); ax.set_xticks(range(len(corpus.domains)), corpus.domains)
+ax.set(ylabel="PPL change vs micro (%)", title="validation perplexity per domain"); ax.legend(fontsize=8, ncol=3)
+fig.tight_layout(); plt.show()
+
+# %% [markdown]
 # ### Training curves
 
 # %%
