@@ -57,6 +57,7 @@ from moebook.core import progress as progress_bar
 import matplotlib.pyplot as plt
 from fastcore.test import test_eq, test_ne, test_fail, test_close
 from moebook.core import record_metrics
+from moebook.moe import load_balancing_loss
 
 # %% tags=["parameters"]
 seed: int = 0  # first seed; runs use seed, seed+1, ... (model init, data order and token samples)
@@ -300,7 +301,6 @@ class SampledBalancer(GlobalBalancer):
 # one micro-batch differs from the micro-batch's own counts; bad use is refused.
 
 # %%
-from moebook.moe import load_balancing_loss
 seed_everything(seed)
 gids = torch.randint(0, 50, (3, 2, 5))  # M=3 micro-batches of 2x5 tokens
 full = SampledBalancer(n_sample=30, seed=0); full.prepare(tiny, gids, step=0)
