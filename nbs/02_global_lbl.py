@@ -623,6 +623,7 @@ def run_ddp(cfg: ExperimentConfig, # the experiment (its seed is replaced by eac
 test_fail(lambda: run_ddp(ExperimentConfig(**small_cfg), [0], variants=("micro",)), contains="'micro' is not a data-parallel variant")
 test_fail(lambda: run_ddp(ExperimentConfig(**{**small_cfg, "n_micro": 3}), [0]), contains="n_micro=3 must be a multiple of nproc=2")
 
+
 # %% [markdown]
 # The torchrun path itself (2 gloo ranks) runs in the experiment below, and its equivalence with one process,
 # value and gradients, is tested in `tests/test_global_lbl.py`.
