@@ -905,3 +905,11 @@ record_metrics(avg_ppl={v: ppl[v].tolist() for v in variants}, mutual_info={v: m
                ppl_gain_global=gain.tolist(), ppl_gain_sampled=gain_sampled.tolist(), sampled_recovered_fraction=recovered,
                sync_overhead=overhead.tolist() if ddp else None, comm_share=comm_share.tolist() if ddp else None,
                verdicts={c[0]: c[3] for c in claims}, experiment_s=experiment_s, n_params=n_params, seeds=seeds)
+
+# %% [markdown]
+# **Reading the table.** The recovered fractions in row 3 are ratios of the gains over micro; when the global
+# PPL gain is within noise (or negative) the PPL ratio means nothing and only the specialisation ratio is
+# informative. The step times of row 4 come from a 2-rank gloo run on a shared 2-core CPU: ranks waiting for
+# each other inflate both the "time inside the all-reduce" (the forward-pass all-reduce is where a fast rank
+# waits for a slow one, time DDP would otherwise spend waiting in the gradient all-reduce) and the spread of the
+# step times; re-run on an idle machine (or with more steps) before reading an overhead out of it.
