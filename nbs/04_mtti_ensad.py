@@ -108,7 +108,7 @@ def scene_dict(row: Sequence[int]) -> dict:
 def _shape_mask(shape: str, side: int, cy: float, cx: float) -> np.ndarray:
     y, x = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE] + 0.5
     dy, dx, h = y - cy, x - cx, side / 2
-    if shape == "circle": return dy**2 + dx**2 <= (h + 0.15) ** 2
+    if shape == "circle": return dy**2 + dx**2 <= (0.9 * h) ** 2  # a plus at side 3, a rounded square at 5
     if shape == "square": return (np.abs(dy) <= h) & (np.abs(dx) <= h)
     return (np.abs(dy) <= h) & (np.abs(dx) <= (dy + h) / 2 + 0.25)  # triangle pointing up
 
@@ -127,6 +127,7 @@ def render_scene(row: Sequence[int], # one scene (attribute indices)
         across = half / 2 + rng.uniform(-1, 1) * max(half / 2 - side / 2 - 0.5, 0)
         if s["position"] in ("right", "bottom"): across += half
         cy, cx = (along, across) if vertical else (across, along)
+        cy, cx = np.floor(cy) + 0.5, np.floor(cx) + 0.5  # odd sides: centre on a pixel so shapes are crisp
         img[:, _shape_mask(s["shape"], side, cy, cx)] = colour[:, None]
     return np.clip(img, 0, 1).astype(np.float32)
 
@@ -472,7 +473,7 @@ def new_caption_encoder(vocab_size: int, dim: int = 64) -> CaptionEncoder:
 
 class ImageEncoder(nn.Module):
     "Small CNN: (B, 3, 16, 16) images in [0, 1] -> (B, dim) features (`embed` normalises them)."
-    def __init__(self, dim: int = 64, width: int = 32):
+    def __init__(self, dim: int = 64, width: int = 16):
         super().__init__()
         self.net = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.GELU(), nn.Conv2d(width, width, 3, padding=1), nn.GELU(),
                                  nn.MaxPool2d(2), nn.Conv2d(width, 2 * width, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),
@@ -538,7 +539,7 @@ test_fail(lambda: check_images(torch.zeros(2, 3, 8, 8)), contains="must be a (B,
 #| export
 class AttributeClassifier(nn.Module):
     "CNN trunk -> 64-d features -> one head per attribute."
-    def __init__(self, width: int = 32, feat_dim: int = 64):
+    def __init__(self, width: int = 16, feat_dim: int = 64):
         super().__init__()
         self.trunk = nn.Sequential(ImageEncoder(feat_dim, width), nn.GELU())
         self.heads = nn.ModuleDict({a: nn.Linear(feat_dim, len(v)) for a, v in ATTRIBUTES.items()})
@@ -616,8 +617,12 @@ def new_unet(channels: int = 32, # channels of both UNet levels
                                 attention_head_dim=8, norm_num_groups=8)
 
 def new_scheduler() -> DDPMScheduler:
-    "The training noise schedule (cosine, 1000 steps, epsilon prediction)."
-    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
+    "The training noise schedule (cosine, 1000 steps, the UNet predicts the clean sample)."
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="sample")
+
+def new_sampler(scheduler: DDPMScheduler) -> DDIMScheduler:
+    "A DDIM sampler on the training schedule, with trailing timesteps (the first step starts from pure noise)."
+    return DDIMScheduler.from_config(scheduler.config, timestep_spacing="trailing")
 
 def to_latent(images: torch.Tensor) -> torch.Tensor:
     "(B, 3, 16, 16) in [0, 1] -> (B, 12, 8, 8) in [-1, 1]"
@@ -633,13 +638,13 @@ def denoising_loss(unet: UNet2DConditionModel, # the generator
                    cond: torch.Tensor, # (B, D) conditioning vectors
                    generator: torch.Generator | None = None, # noise / timestep source (CPU)
                   ) -> torch.Tensor:
-    "The epsilon-prediction MSE of the generator for these images and conditions."
+    "The generator's MSE for these images and conditions (target: the noise or the clean sample, per the schedule)."
     z0 = to_latent(images)
     if cond.ndim != 2 or len(cond) != len(z0): raise ValueError(f"cond must be (B={len(z0)}, D), got {tuple(cond.shape)}")
     noise = torch.randn(z0.shape, generator=generator).to(z0.device)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (len(z0),), generator=generator).to(z0.device)
     pred = unet(scheduler.add_noise(z0, noise, t), t, encoder_hidden_states=cond[:, None]).sample
-    return F.mse_loss(pred, noise)
+    return F.mse_loss(pred, z0 if scheduler.config.prediction_type == "sample" else noise)
 
 @torch.no_grad()
 def sample_images(unet: UNet2DConditionModel, # the generator
@@ -657,8 +662,8 @@ def sample_images(unet: UNet2DConditionModel, # the generator
     scheduler.set_timesteps(steps)
     both = torch.cat([torch.zeros_like(cond), cond])[:, None]
     for t in (progress_bar or (lambda x: x))(scheduler.timesteps):
-        eps_u, eps_c = unet(torch.cat([z, z]), t, encoder_hidden_states=both).sample.chunk(2)
-        z = scheduler.step(eps_u + guidance_scale * (eps_c - eps_u), t, z).prev_sample
+        out_u, out_c = unet(torch.cat([z, z]), t, encoder_hidden_states=both).sample.chunk(2)
+        z = scheduler.step(out_u + guidance_scale * (out_c - out_u), t, z).prev_sample
     return from_latent(z)
 
 
@@ -667,7 +672,7 @@ _unet = new_unet(16, 64)
 _x = torch.rand(2, 3, 16, 16)
 test_close(from_latent(to_latent(_x)), _x, eps=1e-6)
 assert denoising_loss(_unet, new_scheduler(), _x, torch.randn(2, 64), torch.Generator().manual_seed(0)).item() > 0
-_ddim = DDIMScheduler.from_config(new_scheduler().config)
+_ddim = new_sampler(new_scheduler())
 _cond = torch.randn(2, 64)
 _a = sample_images(_unet, _ddim, _cond, steps=2, generator=torch.Generator().manual_seed(1))
 test_eq(_a.shape, (2, 3, 16, 16))
@@ -845,7 +850,7 @@ def train_contrastive(data: CaptionedScenes, # training scenes with captions in 
                       tokenizer: PreTrainedTokenizerFast, # word-level tokenizer over all languages
                       steps: int = 300, # optimisation steps
                       multilingual_fraction: float = 0.1, # share of images whose non-English captions are used
-                      batch: int = 256, # pairs per step
+                      batch: int = 128, # pairs per step
                       seed: int = 0, # seed for initialisation and batches
                       device: str | torch.device = "cpu", # where to train
                       show_progress: bool = False, # progress bar
@@ -947,7 +952,7 @@ test_fail(lambda: train_adapter(_ad, _u, new_scheduler(), _small.images[:8], tor
 
 # %%
 #| slow
-import time
+import textwrap, time
 import matplotlib.pyplot as plt
 from moebook.core import pick_device, record_metrics
 
@@ -965,7 +970,7 @@ for lang in LANGUAGES: print(f"{lang}: {evalset.captions[lang][0]}")
 #| slow
 fig, axes = plt.subplots(1, 6, figsize=(12, 2.6))
 for ax, img, lang, cap in zip(axes, train.images, LANGUAGES * 2, [train.captions[l][i] for i, l in enumerate(LANGUAGES * 2)]):
-    ax.imshow(img.permute(1, 2, 0)); ax.set_title(cap.replace(" ", " ", 1), fontsize=7, wrap=True); ax.axis("off")
+    ax.imshow(img.permute(1, 2, 0)); ax.set_title(textwrap.fill(cap, 22), fontsize=7); ax.axis("off")
 plt.suptitle("training images with one caption each (languages cycle en, de, es, ru)"); plt.tight_layout(); plt.show()
 
 # %% [markdown]
@@ -1100,7 +1105,7 @@ for name, l in adapter_losses.items(): print(f"{name:28s} loss {np.mean(l[:20]):
 
 # %%
 #| slow
-ddim = DDIMScheduler.from_config(ddpm.config)
+ddim = new_sampler(ddpm)
 with torch.no_grad(): en_ref_emb = encode_texts(text_encoder, tokenizer, evalset.captions["en"])
 
 def generate(cond: torch.Tensor, generator_unet: UNet2DConditionModel = None) -> torch.Tensor:
@@ -1157,7 +1162,7 @@ grid_methods = ["Zero-Shot", "Translate Train"] + [f"Translate Test ({s.name})" 
 for lang in TARGETS:
     fig, axes = plt.subplots(len(grid_methods) + 1, 8, figsize=(9, 1.25 * (len(grid_methods) + 1)))
     for j in range(8):
-        axes[0, j].imshow(evalset.images[j].permute(1, 2, 0)); axes[0, j].set_title(evalset.captions[lang][j], fontsize=5, wrap=True)
+        axes[0, j].imshow(evalset.images[j].permute(1, 2, 0)); axes[0, j].set_title(textwrap.fill(evalset.captions[lang][j], 18), fontsize=5)
         for i, m in enumerate(grid_methods):
             axes[i + 1, j].imshow(samples[(lang, m)][j].permute(1, 2, 0))
     for i, m in enumerate(["real"] + grid_methods): axes[i, 0].set_ylabel(m, fontsize=6, rotation=0, ha="right")

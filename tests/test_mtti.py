@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from moebook.mtti import (ATTRIBUTES, EN_SYNONYMS, LANGUAGES, LEXICONS, MT_SYSTEMS, TEMPLATES, CaptionedScenes, DDIMScheduler,
                           EnsembleAdapter, MTSystem, MTTIPipeline, build_tokenizer, dataset_manifest, denoising_loss,
                           fid_from_features, frechet_distance, freeze, make_dataset, mt_error_rates, new_caption_encoder,
-                          new_scheduler, new_unet, parse_caption, realise, render_scene, sample_images, scene_dict)
+                          new_sampler, new_scheduler, new_unet, parse_caption, realise, render_scene, sample_images, scene_dict)
 
 ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
@@ -97,7 +97,7 @@ def test_ensad_weights_are_softmax_and_only_adapter_trains():
     loss = denoising_loss(unet, new_scheduler(), torch.rand(6, 3, 16, 16), ad(cand), torch.Generator().manual_seed(0))
     loss.backward()
     assert all(p.grad is None for p in [*unet.parameters(), *enc.parameters()])
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in [ad.query.weight, ad.key.weight, ad.slot_bias, ad.mlp[0].weight])
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in [ad.query.weight, ad.key.weight, ad.slot_bias, ad.mlp[2].weight])
     mean = EnsembleAdapter(n_candidates=4, pooling="mean")
     torch.testing.assert_close(mean.weights(cand), torch.full((6, 4), 0.25))
 
@@ -106,7 +106,7 @@ def _tiny_pipeline():
     torch.manual_seed(0)
     d = make_dataset(40, 0)
     tok = build_tokenizer([c for cs in d.captions.values() for c in cs])
-    ddim = DDIMScheduler.from_config(new_scheduler().config)
+    ddim = new_sampler(new_scheduler())
     ad = EnsembleAdapter(n_candidates=4)
     with torch.no_grad():
         for p in ad.parameters(): p.normal_(0, 0.2)
