@@ -370,7 +370,7 @@ def scene_ids(scenes: np.ndarray) -> torch.Tensor:
 # %% ../nbs/04_mtti_ensad.ipynb #a141d281
 class AttributeClassifier(nn.Module):
     "CNN trunk -> 64-d features -> one head per attribute."
-    def __init__(self, width: int = 16, feat_dim: int = 64):
+    def __init__(self, width: int = 32, feat_dim: int = 64):
         super().__init__()
         self.trunk = nn.Sequential(ImageEncoder(feat_dim, width), nn.GELU())
         self.heads = nn.ModuleDict({a: nn.Linear(feat_dim, len(v)) for a, v in ATTRIBUTES.items()})
@@ -610,7 +610,7 @@ def train_classifier(data: CaptionedScenes, steps: int = 200, batch: int = 128, 
     "Train the attribute classifier (evaluation network) on real images and their true scenes; returned frozen."
     g = torch.Generator().manual_seed(seed); torch.manual_seed(seed)
     clf, truth = AttributeClassifier().to(device), torch.from_numpy(data.scenes)
-    opt, losses = torch.optim.AdamW(clf.parameters(), lr=2e-3), []
+    opt, losses = torch.optim.AdamW(clf.parameters(), lr=3e-3), []
     for b in _batches(len(data), batch, steps, g, show_progress, "classifier"):
         logits = clf(data.images[b].to(device))
         loss = sum(F.cross_entropy(logits[a], truth[b, i].to(device)) for i, a in enumerate(ATTRIBUTES))
