@@ -337,7 +337,6 @@ MT_SYSTEMS: tuple[MTSystem, ...] = (
     MTSystem("mt_c", drop=0.15, mistranslate=0.15, synonym=0.25, reorder=0.10),  # weak: drops, wrong attributes
 )
 
-
 # %%
 _src = realise(_scene, "de", np.random.default_rng(0), template=0)
 test_eq(MT_SYSTEMS[0].translate(_src, "de"), MT_SYSTEMS[0].translate(_src, "de"))  # deterministic
@@ -526,6 +525,7 @@ _perfect_emb = F.normalize(torch.eye(3)[[0, 0, 1]], dim=-1)
 assert clip_loss(_perfect_emb, _perfect_emb, _ids, torch.tensor(3.0)) < clip_loss(_perfect_emb, _perfect_emb.flip(0), _ids, torch.tensor(3.0))
 test_fail(lambda: check_images(torch.zeros(2, 3, 8, 8)), contains="must be a (B, 3, 16, 16)")
 
+
 # %% [markdown]
 # ## Evaluation network: attribute classifier and FID features
 #
@@ -595,6 +595,7 @@ test_close(frechet_distance(np.zeros(3), _S, np.zeros(3), _S), 0.0, eps=1e-6)
 test_fail(lambda: frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3)), contains="shape mismatch")
 _acc = attribute_accuracy(AttributeClassifier(), torch.rand(4, 3, 16, 16), sample_scenes(4, _rng))
 test_eq(set(_acc), set(ATTRIBUTES) | {"mean", "all"})
+
 
 # %% [markdown]
 # ## The generator: a small conditional UNet on pixel-unshuffled images
@@ -682,6 +683,7 @@ test_eq(_a.shape, (2, 3, 16, 16))
 test_eq(sample_images(_unet, _ddim, _cond, steps=2, generator=torch.Generator().manual_seed(1)), _a)
 test_fail(lambda: denoising_loss(_unet, new_scheduler(), _x, torch.randn(3, 64)), contains="cond must be (B=2, D)")
 
+
 # %% [markdown]
 # ## The Ensemble Adapter
 #
@@ -750,6 +752,7 @@ test_fail(lambda: EnsembleAdapter(pooling="max"), contains="pooling must be")
 freeze(_unet)
 _loss = denoising_loss(_unet, new_scheduler(), _x, _ad(_c[:2]), torch.Generator().manual_seed(0)); _loss.backward()
 assert all(p.grad is None for p in _unet.parameters()) and all(p.grad is not None for p in _ad.parameters())
+
 
 # %% [markdown]
 # ## The pipeline
@@ -834,6 +837,7 @@ with tempfile.TemporaryDirectory() as _dir:
     test_eq(_loaded(["два красных круга слева"], language="ru", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images, _img)
 test_fail(lambda: _pipe("deux cercles", language="fr"), contains="unknown language 'fr'")
 test_fail(lambda: MTTIPipeline.from_pretrained("/nonexistent"), contains="mtti_pipeline.json missing")
+
 
 # %% [markdown]
 # ## Training loops
@@ -1064,6 +1068,7 @@ print(f"generator loss {np.mean(gen_losses[:20]):.3f} -> {np.mean(gen_losses[-20
       f"translate-train fine-tuning {np.mean(tt_losses[:20]):.3f} -> {np.mean(tt_losses[-20:]):.3f}")
 print("example translate-train caption:", tt_texts[len(train) * 2])
 
+
 # %% [markdown]
 # ### Ensemble Adapters
 #
@@ -1207,6 +1212,7 @@ for ax, (lang, prompt) in zip(axes, demo_prompts.items()):
                     generator=torch.Generator().manual_seed(seed)).images
     ax.imshow(torch.cat(list(imgs), 2).permute(1, 2, 0)); ax.set_title(f"{lang}: {prompt}", fontsize=7); ax.axis("off")
 plt.tight_layout(); plt.show()
+
 
 # %% [markdown]
 # ## Claim check
