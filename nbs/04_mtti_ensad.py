@@ -72,6 +72,7 @@ batch_size: int = 64  # batch size for generator and adapter training
 sample_steps: int = 6  # DDIM steps at evaluation
 guidance_scale: float = 2.0  # classifier-free guidance scale at evaluation
 unet_channels: int = 32  # channels of both UNet levels
+num_threads: int = 1  # torch CPU threads; 1 avoids thread-barrier stalls on a shared CPU
 
 # %% [markdown]
 # ## The world: scenes and images
@@ -965,6 +966,7 @@ from moebook.core import pick_device, record_metrics
 
 t_start = time.perf_counter()
 dev = pick_device(device)
+torch.set_num_threads(num_threads)
 seed_everything(seed)
 train = make_dataset(n_train, seed)
 evalset = make_dataset(n_eval, seed + 1)
