@@ -490,7 +490,8 @@ class EnsembleAdapter(ModelMixin, ConfigMixin):
         self.query, self.key = nn.Linear(dim, dim, bias=False), nn.Linear(dim, dim, bias=False)
         self.slot_bias = nn.Parameter(torch.zeros(n_candidates))
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
-        for p in (self.query.weight, self.key.weight, self.mlp[2].weight, self.mlp[2].bias): nn.init.zeros_(p)
+        # W_k = 0 gives uniform weights at the start; W_q stays random, otherwise both gradients would be zero
+        for p in (self.key.weight, self.mlp[2].weight, self.mlp[2].bias): nn.init.zeros_(p)
 
     def weights(self, candidates: torch.Tensor) -> torch.Tensor:
         "(B, N+1, D) -> (B, N+1) softmax weights (uniform for mean pooling)."

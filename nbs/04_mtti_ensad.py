@@ -695,10 +695,8 @@ test_fail(lambda: denoising_loss(_unet, new_scheduler(), _x, torch.randn(3, 64))
 # 1. **Weigh**: query = $W_q e_\text{src}$, keys = $W_k e_i$; weights = softmax over the N+1 candidates of
 #    $q\cdot k_i/\sqrt{d} + b_i$, where $b_i$ is a learned bias per candidate slot (a prior on how much
 #    each MT system is trusted) and the dot product lets a translation that disagrees with the source lose
-#    weight. $W_q, W_k, b$ start at zero, so training starts from mean pooling. *Known limitation:* with
-#    both $W_q$ and $W_k$ at zero their gradients are zero too (a saddle point), so in this version only the
-#    slot bias $b$ learns and the weights are a learned per-system prior, the same for every caption;
-#    initialising $W_q$ randomly (keeping $W_k = 0$) would let the content term learn.
+#    weight. $W_k$ and $b$ start at zero, so training starts from mean pooling; $W_q$ starts random
+#    (with both $W_q$ and $W_k$ at zero their gradients would vanish and only $b$ would ever learn).
 # 2. **Consolidate**: $p = \sum_i w_i e_i$, output $p + \mathrm{MLP}(p)$ (a residual bottleneck adapter whose
 #    last layer starts at zero, so the initial output is the pooled embedding).
 # 3. **Train** only these parameters with the frozen generator's denoising loss on target-language captions
@@ -719,7 +717,8 @@ class EnsembleAdapter(ModelMixin, ConfigMixin):
         self.query, self.key = nn.Linear(dim, dim, bias=False), nn.Linear(dim, dim, bias=False)
         self.slot_bias = nn.Parameter(torch.zeros(n_candidates))
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
-        for p in (self.query.weight, self.key.weight, self.mlp[2].weight, self.mlp[2].bias): nn.init.zeros_(p)
+        # W_k = 0 gives uniform weights at the start; W_q stays random, otherwise both gradients would be zero
+        for p in (self.key.weight, self.mlp[2].weight, self.mlp[2].bias): nn.init.zeros_(p)
 
     def weights(self, candidates: torch.Tensor) -> torch.Tensor:
         "(B, N+1, D) -> (B, N+1) softmax weights (uniform for mean pooling)."
@@ -1186,8 +1185,6 @@ for lang in TARGETS:
 # ### What EnsAd learned to trust
 #
 # Mean attention weight over the evaluation captions per candidate: the source caption and each MT system.
-# (Because of the zero-initialised query and key, see the EnsAd section, these weights come from the
-# learned slot bias alone, so they are identical across languages: a learned trust in each system.)
 
 # %%
 #| slow
