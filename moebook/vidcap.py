@@ -95,7 +95,8 @@ def simulate_clip(objects: list[Obj], # scene at the start of the clip (not modi
     "Pick a feasible event for one object and render the clip."
     objs, r, travel = copy.deepcopy(objects), size / 8, 0.35 * size
     i = int(rng.integers(len(objs)))
-    kinds = ["move", "turn"] + (["hit"] if len(objs) == 2 else [])
+    far_apart = len(objs) == 2 and np.hypot(objs[0].x - objs[1].x, objs[0].y - objs[1].y) >= 3 * r + 1
+    kinds = ["move", "turn"] + (["hit"] if far_apart else [])  # a hit needs room to approach
     kind = str(rng.choice(kinds))
     if kind == "move" and not _feasible_moves(objs[i], size, travel): kind = "turn"
     subj = objs[i]
@@ -489,11 +490,16 @@ def train_captioner(model: nn.Module, # has `.loss(frames, ids)`
                     steps: int, batch_size: int, lr: float,
                     generator: torch.Generator, # drives batch sampling (CPU generator)
                     device: torch.device, show_progress: bool = True,
+                    gate_lr_mult: float = 1.0, # LR multiplier for the adapters' tanh gates (`*_gate` parameters)
                    ) -> list[float]: # loss per step
-    "AdamW on the trainable parameters, cosine-free constant LR, gradient clipping at 1."
-    params = [p for p in model.parameters() if p.requires_grad]
-    if steps and not params: raise ValueError("model has no trainable parameters")
-    opt, losses = torch.optim.AdamW(params, lr=lr, weight_decay=0.0), []
+    "AdamW with a constant LR on the trainable parameters, gradient clipping at 1."
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if steps and not named: raise ValueError("model has no trainable parameters")
+    params = [p for _, p in named]
+    gates = [p for n, p in named if n.endswith("_gate")]
+    others = [p for n, p in named if not n.endswith("_gate")]
+    groups = [{"params": others}] + ([{"params": gates, "lr": lr * gate_lr_mult}] if gates else [])
+    opt, losses = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0), []
     shares = [batch_size // len(pools) + (k < batch_size % len(pools)) for k in range(len(pools))]
     model.train()
     for _ in progress_bar(range(steps), enabled=show_progress, leave=False):

@@ -70,6 +70,7 @@ pretrain_steps: int = 250  # video-captioner pre-training steps, identical for e
 finetune_steps: int = 250  # fine-tuning steps on the gold set
 batch_size: int = 32  # examples per optimizer step
 lr: float = 2e-3  # AdamW learning rate for every trained module
+gate_lr_mult: float = 10.0  # the adapters' tanh gates learn this many times faster (they start at 0)
 prefix_ablation: bool = True  # also train the projected-visual-prefix captioner (images + videos condition)
 cache_dir: str = ""  # if set, each finished run's scores are saved there atomically and reused on resume
 device: str = "auto"  # "auto", "cpu" or "cuda"
@@ -165,7 +166,8 @@ def simulate_clip(objects: list[Obj], # scene at the start of the clip (not modi
     "Pick a feasible event for one object and render the clip."
     objs, r, travel = copy.deepcopy(objects), size / 8, 0.35 * size
     i = int(rng.integers(len(objs)))
-    kinds = ["move", "turn"] + (["hit"] if len(objs) == 2 else [])
+    far_apart = len(objs) == 2 and np.hypot(objs[0].x - objs[1].x, objs[0].y - objs[1].y) >= 3 * r + 1
+    kinds = ["move", "turn"] + (["hit"] if far_apart else [])  # a hit needs room to approach
     kind = str(rng.choice(kinds))
     if kind == "move" and not _feasible_moves(objs[i], size, travel): kind = "turn"
     subj = objs[i]
@@ -790,11 +792,16 @@ def train_captioner(model: nn.Module, # has `.loss(frames, ids)`
                     steps: int, batch_size: int, lr: float,
                     generator: torch.Generator, # drives batch sampling (CPU generator)
                     device: torch.device, show_progress: bool = True,
+                    gate_lr_mult: float = 1.0, # LR multiplier for the adapters' tanh gates (`*_gate` parameters)
                    ) -> list[float]: # loss per step
-    "AdamW on the trainable parameters, cosine-free constant LR, gradient clipping at 1."
-    params = [p for p in model.parameters() if p.requires_grad]
-    if steps and not params: raise ValueError("model has no trainable parameters")
-    opt, losses = torch.optim.AdamW(params, lr=lr, weight_decay=0.0), []
+    "AdamW with a constant LR on the trainable parameters, gradient clipping at 1."
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if steps and not named: raise ValueError("model has no trainable parameters")
+    params = [p for _, p in named]
+    gates = [p for n, p in named if n.endswith("_gate")]
+    others = [p for n, p in named if not n.endswith("_gate")]
+    groups = [{"params": others}] + ([{"params": gates, "lr": lr * gate_lr_mult}] if gates else [])
+    opt, losses = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0), []
     shares = [batch_size // len(pools) + (k < batch_size % len(pools)) for k in range(len(pools))]
     model.train()
     for _ in progress_bar(range(steps), enabled=show_progress, leave=False):
@@ -967,8 +974,8 @@ def run_condition(cond: str, mode: str, s: int) -> dict:
     seed_everything(s)
     model = VideoCaptioner(lm, clip_frames, image_size, 8, d_model, 2, 4, 4, mode=mode).to(dev)
     gen = torch.Generator().manual_seed(s)
-    pre = train_captioner(model, conditions[cond], pretrain_steps if conditions[cond] else 0, batch_size, lr, gen, dev, show)
-    ft = train_captioner(model, [gold_pool], finetune_steps, batch_size, lr, gen, dev, show)
+    pre = train_captioner(model, conditions[cond], pretrain_steps if conditions[cond] else 0, batch_size, lr, gen, dev, show, gate_lr_mult)
+    ft = train_captioner(model, [gold_pool], finetune_steps, batch_size, lr, gen, dev, show, gate_lr_mult)
     hyps = caption_videos(model, data.gold_test, vocab)
     gates = [float(torch.tanh(a.attn_gate.detach())) for a in model.adapters]
     return {"scores": caption_scores(data.gold_test_captions, hyps), "hyps": hyps, "gates": gates,
