@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_vidcap_pseudolabels.ipynb #012771e5
 from __future__ import annotations
-import copy, re
+import copy, hashlib, json, re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -26,10 +26,10 @@ hf_logging.set_verbosity_error()  # tiny configs trigger harmless "not initialis
 # %% auto #0
 __all__ = ['COLORS', 'SHAPES', 'DIRECTIONS', 'BACKGROUND', 'ASR_INTENT', 'ASR_CHATTER', 'ASR_MENTION', 'SPECIALS', 'PAD', 'BOS',
            'EOS', 'Obj', 'shape_mask', 'render_frame', 'simulate_clip', 'gold_caption', 'image_caption', 'asr_caption',
-           'simple_tokenize', 'grounding', 'WorldData', 'make_world_data', 'CaptionVocab', 'caption_scores',
-           'prefix_lm_loss', 'prefix_lm_generate', 'check_frames', 'to_float', 'ImageCaptioner', 'GatedCrossAttention',
-           'GatedXAttnLayer', 'VideoCaptioner', 'make_text_lm', 'clip_bounds', 'centre_frame', 'pseudolabel_videos',
-           'Pool', 'train_captioner', 'caption_videos']
+           'simple_tokenize', 'grounding', 'WorldData', 'make_world_data', 'world_manifest', 'CaptionVocab',
+           'caption_scores', 'prefix_lm_loss', 'prefix_lm_generate', 'check_frames', 'to_float', 'ImageCaptioner',
+           'GatedCrossAttention', 'GatedXAttnLayer', 'VideoCaptioner', 'make_text_lm', 'clip_bounds', 'centre_frame',
+           'pseudolabel_videos', 'Pool', 'train_captioner', 'caption_videos']
 
 # %% ../nbs/05_vidcap_pseudolabels.ipynb #d605e259
 COLORS = {"red": (0.95, 0.15, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.15, 0.35, 1.0),
@@ -229,6 +229,26 @@ def make_world_data(seed: int, # every sample derives from this seed
     return WorldData(images, [image_caption(s, size) for s in scenes], videos, vevents, asr,
                      gtr, [gold_caption(e) for e in gtr_ev], gtr_ev, gte, [gold_caption(e) for e in gte_ev], gte_ev,
                      meta=dict(seed=seed, size=size, clip_frames=clip_frames, clips_per_video=clips_per_video))
+
+# %% ../nbs/05_vidcap_pseudolabels.ipynb #6fe93b35
+def _sha16(x) -> str:
+    b = x.numpy().tobytes() if isinstance(x, torch.Tensor) else json.dumps(x).encode()
+    return hashlib.sha256(b).hexdigest()[:16]
+
+def world_manifest(data: WorldData) -> dict:
+    "Provenance, sizes, checksums and caption statistics of a generated data set."
+    events = [e for evs in data.video_events for e in evs]
+    asr = [a for aa in data.video_asr for a in aa]
+    sets = {name: {"shape": list(t.shape), "frames_sha256_16": _sha16(t), "captions_sha256_16": _sha16(c)}
+            for name, t, c in [("images", data.images, data.image_captions), ("pretrain_videos", data.videos, data.video_asr),
+                               ("gold_train", data.gold_train, data.gold_train_captions),
+                               ("gold_test", data.gold_test, data.gold_test_captions)]}
+    return {"generator": "moebook.vidcap.make_world_data", "parameters": data.meta, "sets": sets,
+            "event_kinds": {k: sum(e["kind"] == k for e in events) for k in ("move", "turn", "hit")},
+            "grounding_asr_like": round(float(np.mean([grounding(a, e) for a, e in zip(asr, events)])), 4),
+            "caption_sources": {"gold": "gold_caption(event), single clips", "image": "image_caption(scene)",
+                                "asr_like": "asr_caption(event): intentions, chatter, mentions right with p=0.5",
+                                "pseudolabel": "image captioner on each clip's centre frame (made in the notebook)"}}
 
 # %% ../nbs/05_vidcap_pseudolabels.ipynb #d11fedb4
 SPECIALS = ("<pad>", "<bos>", "<eos>")

@@ -27,7 +27,7 @@
 # %%
 #| export
 from __future__ import annotations
-import copy, re
+import copy, hashlib, json, re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -47,7 +47,8 @@ from moebook.core import progress as progress_bar
 hf_logging.set_verbosity_error()  # tiny configs trigger harmless "not initialised from a checkpoint" notes
 
 # %%
-import hashlib, json, time
+import time
+import moebook
 from pathlib import Path
 from fastcore.test import test_eq, test_fail, test_close
 import matplotlib.pyplot as plt
@@ -354,6 +355,39 @@ test_eq(_d1.videos.shape, (3, 16, 3, 32, 32)); test_eq(_d1.gold_test.shape, (2, 
 assert torch.equal(_d1.videos, _d2.videos) and _d1.video_asr == _d2.video_asr and _d1.image_captions == _d2.image_captions
 test_fail(lambda: make_world_data(0, 0, 1, 1, 1), contains="n_images must be a positive int")
 test_fail(lambda: make_world_data(0, 1, 1, 1, 1, size=20), contains="multiple of 8")
+
+# %% [markdown]
+# `world_manifest` summarises a generated data set (sizes, SHA-256 prefixes of the frame tensors and caption
+# lists, caption grounding); `data/vidcap_manifest.json` holds the one for the notebook's default parameters and
+# the experiment checks its freshly generated data against it.
+
+# %%
+#| export
+def _sha16(x) -> str:
+    b = x.numpy().tobytes() if isinstance(x, torch.Tensor) else json.dumps(x).encode()
+    return hashlib.sha256(b).hexdigest()[:16]
+
+def world_manifest(data: WorldData) -> dict:
+    "Provenance, sizes, checksums and caption statistics of a generated data set."
+    events = [e for evs in data.video_events for e in evs]
+    asr = [a for aa in data.video_asr for a in aa]
+    sets = {name: {"shape": list(t.shape), "frames_sha256_16": _sha16(t), "captions_sha256_16": _sha16(c)}
+            for name, t, c in [("images", data.images, data.image_captions), ("pretrain_videos", data.videos, data.video_asr),
+                               ("gold_train", data.gold_train, data.gold_train_captions),
+                               ("gold_test", data.gold_test, data.gold_test_captions)]}
+    return {"generator": "moebook.vidcap.make_world_data", "parameters": data.meta, "sets": sets,
+            "event_kinds": {k: sum(e["kind"] == k for e in events) for k in ("move", "turn", "hit")},
+            "grounding_asr_like": round(float(np.mean([grounding(a, e) for a, e in zip(asr, events)])), 4),
+            "caption_sources": {"gold": "gold_caption(event), single clips", "image": "image_caption(scene)",
+                                "asr_like": "asr_caption(event): intentions, chatter, mentions right with p=0.5",
+                                "pseudolabel": "image captioner on each clip's centre frame (made in the notebook)"}}
+
+
+# %%
+_m = world_manifest(_d1)
+test_eq(_m["sets"]["pretrain_videos"]["shape"], [3, 16, 3, 32, 32])
+test_eq(_m, world_manifest(_d2))
+assert _m["sets"]["gold_test"]["frames_sha256_16"] != world_manifest(make_world_data(8, 6, 3, 2, 2))["sets"]["gold_test"]["frames_sha256_16"]
 
 # %% [markdown]
 # ### Vocabulary
@@ -863,25 +897,19 @@ print(f"device {dev}; vocab {len(vocab)} words; images {tuple(data.images.shape)
       f"{tuple(data.videos.shape)}, gold train {tuple(data.gold_train.shape)}, gold test {tuple(data.gold_test.shape)}")
 
 # %% [markdown]
-# The manifest records what was generated (sizes, checksums of the frame tensors and caption lists) so a
-# re-run can be checked against it; `data/vidcap_manifest.json` holds the one for the default parameters.
+# The manifest records what was generated; sets whose sizes match `data/vidcap_manifest.json` must match it
+# exactly.
 
 # %%
 #| slow
-def _sha(x) -> str:
-    b = x.numpy().tobytes() if isinstance(x, torch.Tensor) else json.dumps(x).encode()
-    return hashlib.sha256(b).hexdigest()[:16]
-
-manifest = {
-    "generator": "moebook.vidcap.make_world_data", "parameters": data.meta,
-    "sets": {name: {"shape": list(t.shape), "frames_sha256_16": _sha(t), "captions_sha256_16": _sha(c)}
-             for name, t, c in [("images", data.images, data.image_captions), ("pretrain_videos", data.videos, data.video_asr),
-                                ("gold_train", data.gold_train, data.gold_train_captions),
-                                ("gold_test", data.gold_test, data.gold_test_captions)]},
-    "caption_sources": {"gold": "gold_caption(event) for single clips", "asr_like": "asr_caption(event): intentions, chatter, "
-                        "mentions right with p=0.5", "pseudolabel": "image captioner on each clip's centre frame",
-                        "image": "image_caption(scene)"},
-}
+manifest = world_manifest(data)
+manifest_path = Path(moebook.__file__).resolve().parent.parent / "data" / "vidcap_manifest.json"
+saved = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
+if saved and saved["parameters"] == manifest["parameters"] and saved["sets"].keys() == manifest["sets"].keys():
+    for name, v in manifest["sets"].items():
+        if v["shape"] == saved["sets"][name]["shape"] and v != saved["sets"][name]:
+            raise RuntimeError(f"{name} differs from {manifest_path}: data generation is no longer deterministic/unchanged")
+    print(f"checked against {manifest_path.name}: every set of the same size matches")
 for name, v in manifest["sets"].items(): print(f"{name:16s} {v}")
 
 # %%

@@ -185,3 +185,16 @@ def test_training_loop_fits_a_tiny_set(data, vocab):
     torch.manual_seed(0)
     again = train_captioner(ImageCaptioner(len(vocab), 32, 32, 1, 2, 16), [pool], 100, 4, 1e-2, gen(), torch.device("cpu"), show_progress=False)
     assert again == losses, "same seed, same losses"
+
+
+def test_committed_manifest_matches_generated_data():
+    import json
+    from pathlib import Path
+    from moebook.vidcap import world_manifest
+    saved = json.loads((Path(__file__).parent.parent / "data" / "vidcap_manifest.json").read_text())
+    p = saved["parameters"]
+    n = {k: v["shape"][0] for k, v in saved["sets"].items()}
+    data = make_world_data(p["seed"], n["images"], n["pretrain_videos"], n["gold_train"], n["gold_test"],
+                           p["clip_frames"], p["clips_per_video"], p["size"])
+    fresh = world_manifest(data)
+    assert fresh["sets"] == saved["sets"] and fresh["event_kinds"] == saved["event_kinds"]
