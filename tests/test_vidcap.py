@@ -1,0 +1,200 @@
+"Package tests for moebook.vidcap: data, captions, metrics, gated adapters, pseudolabels, bad input."
+import numpy as np
+import pytest
+import torch
+
+from moebook.vidcap import (BOS, EOS, PAD, COLORS, SHAPES, CaptionVocab, GatedCrossAttention, ImageCaptioner, Pool,
+                            VideoCaptioner, caption_scores, caption_videos, centre_frame, check_frames, clip_bounds,
+                            gold_caption, grounding, make_text_lm, make_world_data, pseudolabel_videos, to_float,
+                            train_captioner)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_world_data(11, n_images=40, n_videos=30, n_gold_train=8, n_gold_test=6, clip_frames=8, clips_per_video=2, size=32)
+
+
+@pytest.fixture(scope="module")
+def vocab():
+    return CaptionVocab()
+
+
+def tiny_captioner(vocab, mode="xattn", seed=0):
+    torch.manual_seed(seed)
+    lm = make_text_lm(len(vocab), 32, 2, 2, 40).eval()
+    return lm, VideoCaptioner(lm, num_frames=8, size=32, d_visual=32, visual_layers=1, visual_heads=2, adapter_heads=2, mode=mode)
+
+
+def test_data_is_deterministic_and_seed_dependent(data):
+    again = make_world_data(11, n_images=40, n_videos=30, n_gold_train=8, n_gold_test=6)
+    for name in ("images", "videos", "gold_train", "gold_test"):
+        assert torch.equal(getattr(data, name), getattr(again, name)), name
+    assert data.video_asr == again.video_asr and data.video_events == again.video_events
+    assert data.image_captions == again.image_captions and data.gold_test_captions == again.gold_test_captions
+    other = make_world_data(12, n_images=40, n_videos=30, n_gold_train=8, n_gold_test=6)
+    assert not torch.equal(data.videos, other.videos) and data.video_asr != other.video_asr
+    # set sizes do not change the other sets (one random stream per set)
+    bigger = make_world_data(11, n_images=80, n_videos=30, n_gold_train=8, n_gold_test=6)
+    assert torch.equal(bigger.gold_test, data.gold_test) and torch.equal(bigger.images[:40], data.images)
+
+
+def test_videos_show_their_events(data):
+    assert data.videos.shape == (30, 16, 3, 32, 32) and data.videos.dtype == torch.uint8
+    for v, evs in zip(data.videos, data.video_events):
+        assert len(evs) == 2
+        for k, ev in enumerate(evs):
+            clip = v[8 * k: 8 * (k + 1)].float()
+            changed = (clip[-1] - clip[0]).abs().sum() > 0
+            assert changed, f"event {gold_caption(ev)!r} leaves the clip static"
+            rgb = torch.tensor(COLORS[ev["subject"][0]]) * 255
+            first = clip[0].permute(1, 2, 0).reshape(-1, 3)
+            assert ((first - rgb.round()).abs().sum(1) < 1).any(), "the subject's colour is visible in the first frame"
+
+
+def test_asr_like_captions_are_weakly_grounded(data):
+    events = [e for evs in data.video_events for e in evs]
+    asr = [a for aa in data.video_asr for a in aa]
+    g_asr = np.mean([grounding(a, e) for a, e in zip(asr, events)])
+    g_gold = np.mean([grounding(gold_caption(e), e) for e in events])
+    assert g_gold == 1.0
+    assert g_asr < 0.4, g_asr
+    assert np.mean([grounding(a, e) == 1.0 for a, e in zip(asr, events)]) < 0.2
+    assert not any(a == gold_caption(e) for a, e in zip(asr, events))
+
+
+def test_vocab_covers_every_generated_text(data, vocab):
+    texts = data.image_captions + data.gold_train_captions + [a for aa in data.video_asr for a in aa]
+    ids = vocab.encode(texts, 24)
+    assert [vocab.decode(r) for r in ids] == [" ".join(t.split()) for t in texts]
+    assert (ids[:, 0] == BOS).all()
+
+
+def test_gated_adapters_leave_frozen_lm_unchanged_at_init(data, vocab):
+    lm, vc = tiny_captioner(vocab)
+    videos, ids = to_float(data.gold_test), vocab.encode(data.gold_test_captions, 16)
+    with torch.no_grad(), vc.attending_to(vc.encode(videos)):
+        wrapped = vc.lm(input_ids=ids, attention_mask=(ids != PAD).long()).logits
+    assert torch.equal(wrapped, lm(input_ids=ids, attention_mask=(ids != PAD).long()).logits)
+    assert all(isinstance(a, GatedCrossAttention) for a in vc.adapters) and len(vc.adapters) == 2
+    assert lm.model.decoder.layers[0].__class__.__name__ == "OPTDecoderLayer", "the caller's LM is not modified"
+
+
+def test_only_visual_and_adapter_parameters_train(data, vocab):
+    lm, vc = tiny_captioner(vocab)
+    trainable = {n for n, p in vc.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("visual.", "project.", "adapters.")) or ".adapter." in n for n in trainable)
+    with torch.no_grad():
+        for a in vc.adapters: a.attn_gate.fill_(0.3); a.ffn_gate.fill_(-0.2)
+    vc.loss(to_float(data.gold_test), vocab.encode(data.gold_test_captions, 16)).backward()
+    for n, p in vc.named_parameters():
+        if p.requires_grad: assert p.grad is not None, n
+        else: assert p.grad is None, n
+    assert vc.visual.embeddings.patch_embeddings.projection.weight.grad.abs().sum() > 0
+    before = {n: p.clone() for n, p in lm.named_parameters()}
+    train_captioner(vc, [Pool(data.gold_train, vocab.encode(data.gold_train_captions, 16))], 2, 4, 1e-2,
+                    torch.Generator().manual_seed(0), torch.device("cpu"), show_progress=False)
+    frozen = dict(vc.lm.named_parameters())
+    for n, p in before.items():
+        key = n.replace("layers.0.", "layers.0.layer.").replace("layers.1.", "layers.1.layer.")
+        assert torch.equal(frozen[key], p), f"frozen LM parameter {n} changed"
+
+
+def test_generate_matches_manual_greedy_decode(data, vocab):
+    _, vc = tiny_captioner(vocab, seed=3)
+    with torch.no_grad():
+        for a in vc.adapters: a.attn_gate.fill_(1.0); a.ffn_gate.fill_(1.0)
+    videos = to_float(data.gold_test)
+    out = vc.generate(videos, max_new_tokens=5)
+    with torch.no_grad(), vc.attending_to(vc.encode(videos)):
+        seq = torch.full((len(videos), 1), BOS)
+        for _ in range(out.shape[1]): seq = torch.cat([seq, vc.lm(input_ids=seq).logits[:, -1:].argmax(-1)], 1)
+    new = seq[:, 1:]
+    done = torch.cumsum((new == EOS).long(), 1) - (new == EOS).long() > 0
+    assert torch.equal(out, new.masked_fill(done, PAD))
+    assert len(caption_videos(vc, data.gold_test, vocab)) == len(data.gold_test)
+    _, pre = tiny_captioner(vocab, mode="prefix")
+    assert pre.generate(videos, max_new_tokens=4).shape[0] == len(videos)
+
+
+def test_clip_bounds_and_centre_frames():
+    assert clip_bounds(16, 8) == [(0, 8), (8, 16)]
+    assert clip_bounds(8, 8) == [(0, 8)]
+    assert clip_bounds(11, 3) == [(0, 3), (3, 6), (6, 9)]
+    assert [centre_frame(s, e) for s, e in clip_bounds(16, 8)] == [4, 12]
+    assert centre_frame(3, 6) == 4
+    with pytest.raises(ValueError, match="fewer than one clip"): clip_bounds(7, 8)
+    with pytest.raises(ValueError, match="clip_len"): clip_bounds(8, 0)
+
+
+def test_pseudolabels_caption_each_clips_centre_frame(data, vocab):
+    class ColourNamer(ImageCaptioner):  # "captions" a frame with the colour of its brightest red pixel count
+        def generate(self, images, max_new_tokens=12):
+            red = (images[:, 0] > 0.9).flatten(1).sum(1)
+            return torch.stack([torch.tensor([vocab.stoi["red"] if r > 0 else vocab.stoi["blue"], EOS]) for r in red])
+    namer = ColourNamer(len(vocab), 32, 16, 1, 2)
+    clips, captions, centres = pseudolabel_videos(data.videos[:5], namer, vocab, clip_len=8)
+    assert clips.shape == (10, 8, 3, 32, 32) and centres.tolist() == [4, 12] * 5
+    for i, cap in enumerate(captions):
+        frame = data.videos[i // 2, centres[i]]
+        assert cap == ("red" if (frame[0] > 0.9 * 255).any() else "blue")
+        assert torch.equal(clips[i], data.videos[i // 2, 8 * (i % 2): 8 * (i % 2) + 8])
+    with pytest.raises(ValueError, match="fewer than one clip"): pseudolabel_videos(data.videos[:, :6], namer, vocab, 8)
+
+
+def test_metrics_on_known_inputs():
+    refs = ["a red square moves left", "a blue circle turns green", "a yellow cross hits a red triangle", "a green circle moves up"]
+    same = caption_scores(refs, refs)
+    assert same["BLEU-4"] == pytest.approx(1.0, abs=1e-6) and same["ROUGE-L"] == pytest.approx(1.0, abs=1e-6)
+    assert same["CIDEr"] == pytest.approx(10.0, abs=1e-6)
+    assert caption_scores(refs, [r.upper() + "." for r in refs]) == same, "tokenisation ignores case and punctuation"
+    wrong = caption_scores(refs, ["do not forget to like and subscribe"] * 4)
+    assert wrong["BLEU-4"] < 1e-6 and wrong["CIDEr"] < 1e-6 and wrong["ROUGE-L"] < 0.2
+    close = caption_scores(refs, ["a red square moves right", "a blue circle turns green", "a yellow cross hits a red circle",
+                                  "a green circle moves down"])
+    assert 0 < close["CIDEr"] < same["CIDEr"] and 0 < close["BLEU-4"] < 1 and wrong["ROUGE-L"] < close["ROUGE-L"] < 1
+    multi = caption_scores([[r, "something else entirely"] for r in refs], refs)
+    assert multi["BLEU-4"] == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(ValueError, match="one hypothesis per reference"): caption_scores(refs, refs[:3])
+
+
+def test_bad_inputs_raise_clear_errors(data, vocab):
+    _, vc = tiny_captioner(vocab)
+    videos = to_float(data.gold_test)
+    with pytest.raises(ValueError, match="missing or extra frames"): vc.encode(videos[:, :5])
+    with pytest.raises(ValueError, match=r"\(B, T, 3, H, W\)"): vc.encode(videos[:, 0])
+    with pytest.raises(ValueError, match="3 \\(RGB\\) channels"): vc.encode(videos[:, :, :1])
+    with pytest.raises(ValueError, match="must be 32x32"): vc.encode(videos[..., :16, :16])
+    with pytest.raises(TypeError, match="to_float"): vc.encode(data.gold_test)
+    with pytest.raises(ValueError, match="NaN"): vc.encode(videos.masked_fill(videos > 0.5, float("nan")))
+    with pytest.raises(TypeError, match="torch.Tensor"): check_frames(np.zeros((1, 3, 32, 32)), 32)
+    with pytest.raises(RuntimeError, match="no video tokens"): vc.lm(input_ids=vocab.encode(["a red square"], 8))
+    with pytest.raises(ValueError, match="mode must be"): VideoCaptioner(make_text_lm(len(vocab), 32, 1, 2), mode="concat")
+    with pytest.raises(ValueError, match="positive int"): make_world_data(0, n_images=-1, n_videos=1, n_gold_train=1, n_gold_test=1)
+    with pytest.raises(ValueError, match="clip_frames"): make_world_data(0, 1, 1, 1, 1, clip_frames=2)
+    with pytest.raises(ValueError, match="unknown words"): vocab.encode(["a pink elephant"], 8)
+    with pytest.raises(ValueError, match="as many captions"): Pool(data.gold_train, vocab.encode(["a red square"], 8))
+
+
+def test_training_loop_fits_a_tiny_set(data, vocab):
+    torch.manual_seed(0)
+    ic = ImageCaptioner(len(vocab), 32, 32, 1, 2, 16)
+    pool = Pool(data.images[:4], vocab.encode(data.image_captions[:4], 16))
+    gen = lambda: torch.Generator().manual_seed(0)
+    losses = train_captioner(ic, [pool], 100, 4, 1e-2, gen(), torch.device("cpu"), show_progress=False)
+    assert losses[-1] < 0.2 * losses[0]
+    torch.manual_seed(0)
+    again = train_captioner(ImageCaptioner(len(vocab), 32, 32, 1, 2, 16), [pool], 100, 4, 1e-2, gen(), torch.device("cpu"), show_progress=False)
+    assert again == losses, "same seed, same losses"
+
+
+def test_committed_manifest_matches_generated_data():
+    import json
+    from pathlib import Path
+    from moebook.vidcap import world_manifest
+    saved = json.loads((Path(__file__).parent.parent / "data" / "vidcap_manifest.json").read_text())
+    p = saved["parameters"]
+    n = {k: v["shape"][0] for k, v in saved["sets"].items()}
+    data = make_world_data(p["seed"], n["images"], n["pretrain_videos"], n["gold_train"], n["gold_test"],
+                           p["clip_frames"], p["clips_per_video"], p["size"])
+    fresh = world_manifest(data)
+    assert fresh["sets"] == saved["sets"] and fresh["event_kinds"] == saved["event_kinds"]
