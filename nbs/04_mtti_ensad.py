@@ -961,11 +961,12 @@ test_fail(lambda: train_adapter(_ad, _u, new_scheduler(), _small.images[:8], tor
 # `n_reference` real images for the FID reference statistics, each from its own seed.
 
 # %%
-#| slow
 import textwrap, time
 import matplotlib.pyplot as plt
 from moebook.core import pick_device, record_metrics
 
+# %%
+#| slow
 t_start = time.perf_counter()
 dev = pick_device(device)
 torch.set_num_threads(num_threads)
@@ -1217,13 +1218,16 @@ for ax, (lang, prompt) in zip(axes, demo_prompts.items()):
     ax.imshow(torch.cat(list(imgs), 2).permute(1, 2, 0)); ax.set_title(f"{lang}: {prompt}", fontsize=7); ax.axis("off")
 plt.tight_layout(); plt.show()
 
-
 # %% [markdown]
 # ## Claim check
 #
 # The paper's claims, restated for our setting, and what this run measured. "Best single-translation
 # baseline" is the best (per language and metric) of Translate Train and Translate Test with each of the
 # three MT systems.
+
+# %%
+from IPython.display import Markdown, display
+
 
 # %%
 #| slow
@@ -1265,7 +1269,6 @@ rows.append(("EnsAd is parameter-efficient (~0.1% extra parameters in the paper)
              f"{n_adapter} adapter parameters = {100 * n_adapter / (n_unet + text_encoder.num_parameters()):.2f}% of our (tiny) encoder + generator",
              "consistent (small adapter); the ratio is large only because our generator is tiny"))
 
-from IPython.display import Markdown, display
 table = "| claim | our run | verdict |\n|---|---|---|\n" + "\n".join(f"| {c} | {m} | {v} |" for c, m, v in rows)
 minutes = (time.perf_counter() - t_start) / 60
 display(Markdown(table + f"\n\n**Scale.** {n_train} generated 16x16 scenes with one caption per language, a 2-layer BERT "
