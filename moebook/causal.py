@@ -431,7 +431,7 @@ def _batches(n: int, batch: int, steps: int, generator: torch.Generator):
 
 def train_autoencoder(frames: np.ndarray, # (N, H, W, 3) uint8 frames
                       latent_dim: int, steps: int, seed: int, batch: int = 64, lr: float = 2e-3,
-                      fg_weight: float = 20.0, # extra loss weight of pixels that differ from the empty grid
+                      fg_weight: float = 40.0, # extra loss weight of pixels that differ from the empty grid
                       device: str | torch.device = "cpu", show_progress: bool = False,
                      ) -> tuple[Autoencoder, list[float]]:
     "Train the frame autoencoder (MSE); returns it in eval mode with its loss curve."
@@ -554,7 +554,8 @@ def train_mapper(latents: torch.Tensor, values: np.ndarray, mask: np.ndarray, st
 def r2_per_variable(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
     "R^2 of predicted vs true values, per variable (V,)."
     pred, true = np.asarray(pred, float), np.asarray(true, float)
-    return 1 - ((pred - true) ** 2).mean(0) / np.maximum(true.var(0), 1e-12)
+    mse, var = ((pred - true) ** 2).mean(0), true.var(0)
+    return np.where(var > 1e-12, 1 - mse / np.maximum(var, 1e-12), (mse == 0).astype(float))  # constant: exact or not
 
 # %% ../nbs/06_causal_world_models.ipynb #5d8b8876
 class WordTokenizer:
