@@ -467,7 +467,7 @@ def action_inputs(actions: np.ndarray, states: np.ndarray) -> torch.Tensor:
 def train_crl(x: torch.Tensor, # (E, T+1, D) standardised autoencoder latents
               coords: torch.Tensor, # (E, T, 5) coordinate action inputs
               text_emb: torch.Tensor, # (E, T, 384) sentence embeddings of the action texts
-              mode: str, steps: int, seed: int, batch: int = 256, lr: float = 2e-3, noise: float = 0.05,
+              mode: str, steps: int, seed: int, batch: int = 128, lr: float = 2e-3, noise: float = 0.05,
               device: str | torch.device = "cpu", show_progress: bool = False,
              ) -> tuple[CausalRL, list[float]]:
     "Maximum-likelihood training of flow + prior on (x^t, action, x^{t+1}) triples."

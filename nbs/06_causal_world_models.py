@@ -45,18 +45,18 @@ from fastcore.test import test_eq, test_fail, test_close
 seed: int = 0  # seed for data, models and evaluation
 progress: bool = True  # show progress bars
 device: str = "auto"  # 'auto' (CUDA if available), 'cpu' or 'cuda'
-n_episodes: int = 120  # random-policy episodes of interaction data
+n_episodes: int = 80  # random-policy episodes of interaction data
 episode_len: int = 40  # steps per episode
 latent_dim: int = 16  # autoencoder / causal latents (8 true causal variables)
-ae_steps: int = 800  # autoencoder training steps
-flow_steps: int = 1000  # normalizing-flow + transition-prior training steps per CRL model
+ae_steps: int = 600  # autoencoder training steps
+flow_steps: int = 600  # normalizing-flow + transition-prior training steps per CRL model
 mapper_steps: int = 300  # training steps of each stage-2 mapper MLP
-lm_steps: int = 1200  # language-model training steps
+lm_steps: int = 800  # language-model training steps
 lm_width: int = 96  # GPT-2 hidden size
-n_infer: int = 60  # causal-inference problems (each evaluated at h = 1, 2, 4, 8)
-n_plan: int = 6  # planning problems per horizon (2, 4, 8)
-mcts_iters_per_step: int = 4  # MCTS expansions per plan step (iterations = this * horizon)
-data_fractions: str = "0.1,0.3,1.0"  # fractions of the interaction data for the identification curve
+n_infer: int = 40  # causal-inference problems (each evaluated at h = 1, 2, 4, 8)
+n_plan: int = 5  # planning problems per horizon (2, 4, 8)
+mcts_iters_per_step: int = 3  # MCTS expansions per plan step (iterations = this * horizon)
+data_fractions: str = "0.1,1.0"  # fractions of the interaction data for the identification curve
 
 # %% [markdown]
 # ## The GridWorld
@@ -680,7 +680,7 @@ def action_inputs(actions: np.ndarray, states: np.ndarray) -> torch.Tensor:
 def train_crl(x: torch.Tensor, # (E, T+1, D) standardised autoencoder latents
               coords: torch.Tensor, # (E, T, 5) coordinate action inputs
               text_emb: torch.Tensor, # (E, T, 384) sentence embeddings of the action texts
-              mode: str, steps: int, seed: int, batch: int = 256, lr: float = 2e-3, noise: float = 0.05,
+              mode: str, steps: int, seed: int, batch: int = 128, lr: float = 2e-3, noise: float = 0.05,
               device: str | torch.device = "cpu", show_progress: bool = False,
              ) -> tuple[CausalRL, list[float]]:
     "Maximum-likelihood training of flow + prior on (x^t, action, x^{t+1}) triples."
