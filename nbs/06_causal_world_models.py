@@ -56,7 +56,7 @@ lm_width: int = 96  # GPT-2 hidden size
 n_infer: int = 40  # causal-inference problems (each evaluated at h = 1, 2, 4, 8)
 n_plan: int = 5  # planning problems per horizon (2, 4, 8)
 mcts_iters_per_step: int = 3  # MCTS expansions per plan step (iterations = this * horizon)
-data_fraction: float = 0.1  # the small fraction of the training data for the identification curve (vs 100%)
+data_fractions: str = "0.1,1.0"  # fractions of the interaction data for the identification curve
 
 # %% [markdown]
 # ## The GridWorld
@@ -107,6 +107,7 @@ test_eq(N_ACTIONS, 14)
 test_eq(action_index(Action("car", 2, "down")), 13)
 test_fail(lambda: action_index(14), contains="action index must be in")
 test_fail(lambda: action_index(Action("car", 5, "left")), contains="invalid action")
+
 
 # %% [markdown]
 # A state is the vector of the eight variables. `check_state` rejects positions outside the grid and
@@ -167,6 +168,7 @@ test_eq(transition([0, 0, 0, 0, 0, 1, 1, 1], Action("boulder", -1, "up"))[:2], [
 test_fail(lambda: transition([9, 3, 1, 0, 1, 2, 5, 7], 0), contains="boulder_x=9 is outside")
 test_fail(lambda: transition([1, 2, 1, 0, 1, 2, 5, 7], 0), contains="overlaps")
 test_fail(lambda: transition(s0, -1), contains="action index")
+
 
 # %% [markdown]
 # The graph is checked against the mechanism by intervention: changing a non-parent of a variable never
@@ -369,6 +371,7 @@ test_eq(parse_state(describe_state(s0)), s0)
 print(describe_state(s0))
 test_eq(parse_state("The blue car is in row 9."), [-1] * 8)
 
+
 # %% [markdown]
 # ## Interaction data and action inputs
 #
@@ -442,6 +445,7 @@ for e in range(2):
         test_eq(parse_action(ALL_ACTION_TEXTS[_data.text_ids[e, t]]), _data.actions[e, t])
 test_eq(collect_interactions(2, 5, seed=0).frames, _data.frames)  # deterministic
 test_eq(action_coordinates(action_index(Action("car", 1, "up")), s0), np.array([4 / 7, 5 / 7, 0, -1, 0], dtype=np.float32))
+
 
 # %% [markdown]
 # ## The causal world model: autoencoder, normalizing flow, action-gated transition prior
@@ -552,6 +556,7 @@ for k in range(5):
     test_close(_ld[k], torch.linalg.slogdet(J)[1], eps=1e-9)
     assert torch.linalg.slogdet(J)[0] != 0
 
+
 # %%
 #| export
 class GroupLinear(nn.Module):
@@ -631,6 +636,7 @@ assert torch.isfinite(_loss) and all(p.grad is not None for p in _crl.prior.para
 test_eq(_crl.predict(_x, torch.zeros(10, 5), torch.zeros(10, 384), 1.0).shape, (10, 6))
 test_fail(lambda: ActionEncoder("pixels"), contains="action mode must be one of")
 
+
 # %% [markdown]
 # Training. The autoencoder learns to reconstruct frames; its latents are standardised and frozen. The
 # flow and prior are trained on consecutive latent pairs with a little Gaussian noise (as BISCUIT does), the
@@ -704,6 +710,7 @@ def train_crl(x: torch.Tensor, # (E, T+1, D) standardised autoencoder latents
         losses.append(loss.item())
     model.temperature = 5.0
     return model.eval(), losses
+
 
 # %% [markdown]
 # ## The causal mapper
@@ -792,6 +799,7 @@ assert _R[0, 0] > 0.9 and _R[2, 1] > 0.9 and _R[1].max() < 0.05 and _R[0, 1] < 0
 test_eq(assign_latents(_R)[:, [0, 2]], np.eye(2, dtype=bool))
 test_fail(lambda: r2_matrix(torch.zeros(5, 2), np.zeros((4, 2))), contains="expected latents")
 test_close(r2_per_variable(_vals, _vals), [1.0, 1.0])
+
 
 # %% [markdown]
 # ## A language model trained on text trajectories
@@ -939,6 +947,7 @@ _gen = lm_next_states(_lm, tok, [describe_state(s0)] * 2, [ALL_ACTION_TEXTS[0], 
 test_eq(len(_gen), 2)
 test_eq(lm_action_scores(_lm, tok, [describe_state(s0)]).shape, (1, N_ACTIONS))
 
+
 # %% [markdown]
 # ## Planning: MCTS with UCT over a world model
 #
@@ -1024,6 +1033,7 @@ for _plan_true in ([1, 9], [4, 2, 11]):  # toggle + move a car; push the boulder
     test_eq(len(_plan), len(_plan_true)); test_eq(execute_plan(_start, _plan), _goal)
 test_fail(lambda: mcts_plan(_start, _goal[:3], 2, _step, _decode, _propose), contains="goal must have 8")
 
+
 # %% [markdown]
 # ## The causal world model as a text-facing simulator
 #
@@ -1081,6 +1091,7 @@ def _describe_raw(v):
     cars = " ".join(f"The {c} car is in row {v[5 + i]}." for i, c in enumerate(COLOURS))
     lights = " ".join(f"The {c} light is {'green' if v[2 + i] else 'red'}." for i, c in enumerate(COLOURS))
     return f"{cars} {lights} The boulder is in column {v[0]} and row {v[1]}."
+
 
 # %% [markdown]
 # ## Tasks: causal inference and planning
@@ -1153,8 +1164,8 @@ test_eq(plan_success([[0, 0]] * 3, _st, _go), [(execute_plan(s, [0, 0]) == g).al
 
 # %%
 #| slow
-if not 0 < data_fraction < 1: raise ValueError(f"data_fraction must be in (0, 1), got {data_fraction!r}")
-fractions = [data_fraction, 1.0]
+fractions = [float(f) for f in data_fractions.split(",")]
+if not all(0 < f <= 1 for f in fractions): raise ValueError(f"data_fractions must be in (0, 1], got {data_fractions!r}")
 if n_episodes < 5: raise ValueError(f"n_episodes must be >= 5 (train and test episodes), got {n_episodes}")
 seed_everything(seed)
 dev = pick_device(device)
