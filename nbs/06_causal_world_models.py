@@ -48,12 +48,12 @@ device: str = "auto"  # 'auto' (CUDA if available), 'cpu' or 'cuda'
 n_episodes: int = 80  # random-policy episodes of interaction data
 episode_len: int = 40  # steps per episode
 latent_dim: int = 16  # autoencoder / causal latents (8 true causal variables)
-ae_steps: int = 600  # autoencoder training steps
-flow_steps: int = 600  # normalizing-flow + transition-prior training steps per CRL model
-mapper_steps: int = 300  # training steps of each stage-2 mapper MLP
-lm_steps: int = 800  # language-model training steps
+ae_steps: int = 400  # autoencoder training steps
+flow_steps: int = 300  # normalizing-flow + transition-prior training steps per CRL model
+mapper_steps: int = 200  # training steps of each stage-2 mapper MLP
+lm_steps: int = 400  # language-model training steps
 lm_width: int = 96  # GPT-2 hidden size
-n_infer: int = 40  # causal-inference problems (each evaluated at h = 1, 2, 4, 8)
+n_infer: int = 30  # causal-inference problems (each evaluated at h = 1, 2, 4, 8)
 n_plan: int = 5  # planning problems per horizon (2, 4, 8)
 mcts_iters_per_step: int = 3  # MCTS expansions per plan step (iterations = this * horizon)
 data_fraction: float = 0.1  # the small fraction of the training data for the identification curve (vs 100%)
@@ -1316,7 +1316,7 @@ for h in horizons:
 for h in plan_horizons:
     rows.append((f"Planning h={h}: CWM vs LM (paper {paper_planning[h][0]:.2f} vs {paper_planning[h][1]:.2f})",
                  f"{success_cwm[h]:.2f} vs {success_lm[h]:.2f}", ""))
-rows.append(("(1) The causally-aware agent beats the LLM-only reasoner", f"inference gaps {[round(g, 3) for g in gap_inf.values()]}, planning gaps {[round(g, 2) for g in gap_plan.values()]}", verdict(beats, not small)))
+rows.append(("(1) The causally-aware agent beats the LLM-only reasoner", f"inference gaps {[round(float(g), 3) for g in gap_inf.values()]}, planning gaps {[round(float(g), 2) for g in gap_plan.values()]}", verdict(beats, not small)))
 rows.append(("(2) The gap grows with the horizon", f"inference gap h=1 {gap_inf[1]:+.3f} -> h=8 {gap_inf[8]:+.3f}; planning gap h=2 {gap_plan[2]:+.2f} -> h=8 {gap_plan[8]:+.2f}",
              verdict(grows_inf and grows_plan, not small)))
 from IPython.display import Markdown, display
