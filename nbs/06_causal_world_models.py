@@ -277,6 +277,8 @@ test_fail(lambda: env.step(99), contains="action index")
 
 # %%
 import matplotlib.pyplot as plt
+
+# %%
 fig, axes = plt.subplots(1, 4, figsize=(8, 2.2))
 env.reset(seed=3)
 for k, ax in enumerate(axes):
@@ -1297,6 +1299,9 @@ for j, name in enumerate(VARIABLES): print(f"  {name:<13} {acc_cwm[8][j]:.2f} / 
 # ## Claim check
 
 # %%
+from IPython.display import Markdown, display
+
+# %%
 #| slow
 paper_inference = {1: (0.954, 0.391), 2: (0.922, 0.220), 4: (0.829, 0.085), 8: (0.758, 0.005)}
 paper_planning = {2: (0.95, 0.20), 4: (0.73, 0.11), 8: (0.42, 0.06)}
@@ -1319,7 +1324,6 @@ for h in plan_horizons:
 rows.append(("(1) The causally-aware agent beats the LLM-only reasoner", f"inference gaps {[round(float(g), 3) for g in gap_inf.values()]}, planning gaps {[round(float(g), 2) for g in gap_plan.values()]}", verdict(beats, not small)))
 rows.append(("(2) The gap grows with the horizon", f"inference gap h=1 {gap_inf[1]:+.3f} -> h=8 {gap_inf[8]:+.3f}; planning gap h=2 {gap_plan[2]:+.2f} -> h=8 {gap_plan[8]:+.2f}",
              verdict(grows_inf and grows_plan, not small)))
-from IPython.display import Markdown, display
 display(Markdown("| claim (paper) | ours | verdict |\n|---|---|---|\n" + "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)))
 print(f"Scale: {n_episodes} episodes x {episode_len} steps of 32x32 frames, {latent_dim} latents, {flow_steps} flow steps, "
       f"a {sum(p.numel() for p in lm.parameters()) / 1e6:.2f}M-parameter GPT-2 trained {lm_steps} steps on {len(examples)} transitions, "
