@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .core import seed_everything
 from .corpus import Corpus
 from .moe import MoELayer, MoeLM, MoeLMConfig, count_parameters, dense_matched
 from .schedules import InfiniteSchedule, Phases, Schedule, WarmupCosine, check_steps, rewarm

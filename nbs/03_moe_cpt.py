@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from moebook.core import seed_everything
 from moebook.corpus import Corpus
 from moebook.moe import MoELayer, MoeLM, MoeLMConfig, count_parameters, dense_matched
 from moebook.schedules import InfiniteSchedule, Phases, Schedule, WarmupCosine, check_steps, rewarm
@@ -47,7 +48,7 @@ from moebook.train import TrainConfig, train
 # %%
 import tempfile, time, shutil
 from fastcore.test import test_eq, test_ne, test_fail, test_close
-from moebook.core import seed_everything, record_metrics
+from moebook.core import record_metrics
 from moebook.corpus import CorpusRecipe, load_corpus
 from moebook.moe import MoEConfig, routing_stats
 from moebook.schedules import schedule_values
@@ -77,6 +78,16 @@ eval_batches: int = 3  # held-out batches (of batch_size x seq_len) per domain
 vocab_size: int = 1024  # BPE vocabulary of the corpus
 max_bytes_per_domain: int = 1_500_000  # text budget per corpus domain
 ckpt_root: str = ""  # folder for the phase checkpoints ("" = a temporary folder); rerunning with the same folder resumes
+threads: int = 1  # torch CPU threads (these matrices are tiny: one thread is fastest and immune to a busy machine)
+
+# %% [markdown]
+# The models are so small that threading costs more than it gains (and several threads on a shared CPU slow
+# every kernel down by an order of magnitude), so everything runs on `threads` CPU threads. Results are
+# reproducible for a given thread count.
+
+# %%
+if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1: raise ValueError(f"threads must be an int >= 1, got {threads!r}")
+torch.set_num_threads(threads)
 
 # %% [markdown]
 # ## The five models
