@@ -27,6 +27,10 @@ ROUTERS = ("softmax", "sinkhorn")
 LB_SCOPES = ("micro", "sequence", "global")
 FAMILIES = ("switch", "topk", "deepseek", "sinkhorn")
 
+def _router_dtype(dtype: torch.dtype) -> torch.dtype:
+    "Router math runs in fp32, or fp64 when the model is fp64 (never in bf16/fp16)."
+    return torch.promote_types(dtype, torch.float32)
+
 def _check_int(name, value, minimum=1):
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
@@ -84,7 +88,7 @@ def sinkhorn(logits: torch.Tensor, # (T, E) router logits
              max_iters: int = 100, # iteration cap
             ) -> tuple[torch.Tensor, int, bool]: # balanced (T, E), iterations run, converged
     "Sinkhorn-Knopp balancing of `exp(logits)` so each expert receives about T/E of the mass."
-    logits = logits.detach().float()
+    logits = logits.detach().to(_router_dtype(logits.dtype))
     cost = torch.exp(logits - logits.max())  # a global shift only rescales d0*d1; it avoids overflow
     n_tokens, n_experts = cost.shape
     d0 = cost.new_ones(n_tokens); d1 = cost.new_ones(n_experts); eps = 1e-8
@@ -116,8 +120,9 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
         cfg = self.cfg
-        logits = F.linear(x.float(), self.weight.float())
-        if not torch.isfinite(logits).all():
+        dtype = _router_dtype(x.dtype)
+        logits = F.linear(x.to(dtype), self.weight.to(dtype))
+        if not torch.isfinite(logits.sum()):  # one reduction instead of a (T, E) mask; sane finite logits cannot sum to inf
             raise FloatingPointError("non-finite router logits (NaN or inf): check the inputs and the learning rate")
         probs = logits.softmax(dim=-1)
         if cfg.router == "sinkhorn":
@@ -189,9 +194,15 @@ class GroupedExperts(nn.Module):
         self.use_grouped_mm = use_grouped_mm
         nn.init.normal_(self.w_gate_up, std=0.02); nn.init.normal_(self.w_down, std=0.02)
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, # (S, d) tokens sorted by expert
+                counts: torch.Tensor, # (E,) rows per expert
+                offsets: torch.Tensor, # (E,) int32 cumulative end offsets
+                row_scale: torch.Tensor | None = None, # (S,) gate of each row, applied before the (linear) down projection
+               ) -> torch.Tensor: # (S, d)
         gate, up = grouped_mm(x, self.w_gate_up, counts, offsets, self.use_grouped_mm).chunk(2, dim=-1)
-        return grouped_mm(F.silu(gate) * up, self.w_down, counts, offsets, self.use_grouped_mm)
+        h = F.silu(gate) * up
+        if row_scale is not None: h = h * row_scale[:, None]  # on width f, cheaper than scaling the (S, d) output
+        return grouped_mm(h, self.w_down, counts, offsets, self.use_grouped_mm)
 
 class SwiGLU(nn.Module):
     "Dense SwiGLU MLP (the dense FFN and the shared experts): (..., d) -> (..., d)."
@@ -232,8 +243,8 @@ class MoELayer(nn.Module):
         lead, tokens = x.shape[:-1], x.reshape(-1, x.shape[-1])
         routing = self.router(tokens)
         d = dispatch(routing.expert_idx, self.cfg.n_experts, self.capacity(tokens.shape[0]))
-        y = self.experts(tokens[d.token_idx], d.counts, d.offsets)                # (S, d)
-        y = y * routing.gates.reshape(-1)[d.slot_idx, None].to(y.dtype)           # gate each slot
+        gates = routing.gates.reshape(-1)[d.slot_idx].to(x.dtype)                 # (S,) gate of each sorted slot
+        y = self.experts(tokens.index_select(0, d.token_idx), d.counts, d.offsets, gates)  # (S, d), gated
         out = torch.zeros_like(tokens).index_add_(0, d.token_idx, y)              # weighted scatter-add
         if self.shared is not None: out = out + self.shared(tokens)
         return out.reshape(x.shape), MoEAux(routing, d.routed_counts, d.dropped, tuple(lead))
@@ -285,11 +296,11 @@ def load_balancing_loss(probs: torch.Tensor, # (..., E) full softmax router prob
     _check_routing_shapes(probs, expert_idx, mask)
     if scope not in LB_SCOPES: raise ValueError(f"scope must be one of {LB_SCOPES}, got {scope!r}")
     n_experts, top_k = probs.shape[-1], expert_idx.shape[-1]
-    probs = probs.float()
-    m = torch.ones(probs.shape[:-1], device=probs.device) if mask is None else mask.to(probs.device).float()
+    probs = probs.to(_router_dtype(probs.dtype))
+    m = probs.new_ones(probs.shape[:-1]) if mask is None else mask.to(probs)
     if scope == "sequence":
         if probs.ndim != 3: raise ValueError(f"scope='sequence' needs (B, S, E) probs, got {tuple(probs.shape)}")
-        one_hot = F.one_hot(expert_idx, n_experts).sum(-2).float() * m[..., None]   # (B, S, E)
+        one_hot = F.one_hot(expert_idx, n_experts).sum(-2).to(m) * m[..., None]     # (B, S, E)
         n_tok = m.sum(-1)                                                          # (B,)
         f = one_hot.sum(1) / (n_tok[:, None] * top_k).clamp(min=1)
         p = (probs * m[..., None]).sum(1) / n_tok[:, None].clamp(min=1)
@@ -299,17 +310,17 @@ def load_balancing_loss(probs: torch.Tensor, # (..., E) full softmax router prob
     counts = expert_counts(expert_idx, n_experts, m)
     p_sum = (probs * m[..., None]).reshape(-1, n_experts).sum(0)                  # (E,)
     if scope == "micro":
-        f = counts.float() / counts.sum().clamp(min=1)
+        f = counts.to(p_sum) / counts.sum().clamp(min=1)
         return n_experts * (f * p_sum).sum() / m.sum().clamp(min=1)
     if balancer is None: raise ValueError("scope='global' needs a GlobalBalancer (balancer=...)")
     f, p_norm = balancer.fractions(counts, layer, top_k)
-    return n_experts * (f.to(p_sum) * p_sum).sum() / p_norm
+    return n_experts * (f.to(p_sum) * p_sum).sum() / p_norm.to(p_sum)
 
 def z_loss(logits: torch.Tensor, # (..., E) router logits
            mask: torch.Tensor | None = None, # (...) 1 = real token
           ) -> torch.Tensor: # scalar
     "ST-MoE router z-loss: mean over real tokens of logsumexp(logits)^2."
-    lse2 = torch.logsumexp(logits.float(), dim=-1) ** 2
+    lse2 = torch.logsumexp(logits.to(_router_dtype(logits.dtype)), dim=-1) ** 2
     if mask is None: return lse2.mean()
     m = mask.to(lse2).reshape(lse2.shape)
     return (lse2 * m).sum() / m.sum().clamp(min=1)
@@ -362,13 +373,14 @@ class RoutingStats:
     sinkhorn_iters: int = 0
     sinkhorn_converged: bool = True
 
+@torch.no_grad()
 def routing_stats(aux: MoEAux, # what `MoELayer.forward` returned
                   mask: torch.Tensor | None = None, # token-shaped, 1 = real token
                  ) -> RoutingStats:
     "Load, max-violation, MRI, entropy and drops of one layer's forward."
     r = aux.router
     m = None if mask is None else mask.reshape(-1)
-    load = expert_counts(r.expert_idx, r.probs.shape[-1], m).detach().cpu()
+    load = expert_counts(r.expert_idx, r.probs.shape[-1], m).cpu()
     n_tokens = int(r.probs.shape[0] if m is None else m.sum())
     mean = load.float().mean().clamp(min=1e-12)
     ent = -(r.probs * torch.log(r.probs.clamp(min=1e-30))).sum(-1)
@@ -567,7 +579,7 @@ class MoeLM(PreTrainedModel, GenerationMixin):
         zl = torch.stack(z_losses).mean() if z_losses else zero
         lm_loss = loss = None
         if labels is not None:
-            lm_loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100)
+            lm_loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).to(_router_dtype(logits.dtype)), labels[:, 1:].reshape(-1), ignore_index=-100)
             loss = lm_loss + cfg.aux_loss_coef * aux_loss + cfg.z_loss_coef * zl
         return MoeLMOutput(loss, logits, lm_loss, aux_loss, zl, stats if output_router_stats else None)
 
