@@ -5,7 +5,7 @@
 # %% ../nbs/01b_schedules.ipynb #1b9d2f88
 from __future__ import annotations
 import math, numbers
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 # %% auto #0
 __all__ = ['COOLDOWN_SHAPES', 'check_steps', 'check_lr', 'Schedule', 'RelativeSchedule', 'WarmupCosine', 'Phases', 'rewarm',

@@ -235,9 +235,9 @@ def train(model: nn.Module, # `model(**batch).loss` is the loss unless `loss_fn`
     history, start = [], 0
     if resume:
         if info.is_main: remove_stale_temporaries(cfg.ckpt_dir)
-        if (state := load_checkpoint(ckpt_path, map_location=device)) is not None:
-            for key in ("grad_accum", "world_size"):
-                now = cfg.grad_accum if key == "grad_accum" else info.world_size
+        # load on the CPU: RNG states must stay CPU tensors; load_state_dict moves weights and AdamW moments to `device`
+        if (state := load_checkpoint(ckpt_path)) is not None:
+            for key, now in (("grad_accum", cfg.grad_accum), ("world_size", info.world_size)):
                 if state[key] != now: raise ValueError(f"checkpoint was trained with {key}={state[key]}, this run has {now}")
             if state["step"] > cfg.max_steps:
                 raise ValueError(f"checkpoint is at step {state['step']}, beyond cfg.max_steps={cfg.max_steps}")

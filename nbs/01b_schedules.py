@@ -25,7 +25,7 @@
 #| export
 from __future__ import annotations
 import math, numbers
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 # %%
 import pickle
@@ -251,9 +251,11 @@ test_fail(lambda: Phases(()), contains="at least one schedule")
 # values noted for the MoE CPT paper: $\eta_{\max}=3\cdot10^{-4}$, $\eta_{\text{const}}=1.65\cdot10^{-4}$,
 # $\eta_{\min}=3\cdot10^{-5}$ (unverified there, so they are only defaults).
 #
-# **Cooldown shape.** Ibrahim et al. use an inverse-square-root cooldown, and the follow-up by the same
-# group (Singh et al. 2025, "Beyond Cosine Decay") a cosine one. We implement both and default to
-# `"inv_sqrt"`, the shape of the paper our CPT notebook follows. With $x = (t - T_w)/T_{cd} \in [0, 1]$:
+# **Cooldown shape.** Ibrahim et al. cool down with an inverse square root, and the follow-up by the
+# same group (Singh et al. 2025, "Beyond Cosine Decay") with a cosine. We implement both and default to
+# `"inv_sqrt"`, the shape of the paper our CPT notebook follows; the normalisation below (so that the
+# cooldown ends exactly at $\eta_{\text{const}}$) and $\alpha$ are our reading, not copied from the
+# paper. With $x = (t - T_w)/T_{cd} \in [0, 1]$:
 #
 # $$\eta_t = \eta_{\max} + (\eta_{\text{const}} - \eta_{\max})\, g(x),\qquad
 #   g_{\text{inv\_sqrt}}(x) = \frac{1/\sqrt{1+\alpha x} - 1}{1/\sqrt{1+\alpha} - 1},\qquad
@@ -432,8 +434,8 @@ for name, got, want in rows:
     verdicts.append(ok)
     print(f"{name:66s} {got:12.4e} {want:14.4e}  {'holds' if ok else 'VIOLATED'}")
 assert all(verdicts)
-record_metrics(schedule_guarantees_hold=all(verdicts), rewarm_boundary_jump=boundary_jump(rw, pre_n),
-               infinite_constant_entry_jump=boundary_jump(inf_ex, w + c))
+_ = record_metrics(schedule_guarantees_hold=all(verdicts), rewarm_boundary_jump=boundary_jump(rw, pre_n),
+                   infinite_constant_entry_jump=boundary_jump(inf_ex, w + c))
 
 # %% [markdown]
 # Every guarantee holds on the examples above (the table is computed, not typed); the unit tests
