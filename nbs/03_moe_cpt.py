@@ -62,8 +62,8 @@ replays: str = "0,0.3"  # replay fractions of D1 in the continual phase (comma-s
 retrain_variants: str = "dense,switch_aux"  # models that also get the full re-training baseline on D1 + D2 ("" = none, "all")
 infinite_variants: str = "switch_aux"  # models that also run the infinite-schedule arm ("" = none, "all")
 infinite_replay: float = 0.3  # replay fraction of the infinite-schedule arm
-pretrain_steps: int = 300  # optimizer steps on D1
-cpt_steps: int = 150  # optimizer steps of the continual phase on D2 (+ replay)
+pretrain_steps: int = 240  # optimizer steps on D1
+cpt_steps: int = 120  # optimizer steps of the continual phase on D2 (+ replay)
 batch_size: int = 16  # sequences per optimizer step
 seq_len: int = 64  # tokens per sequence
 d_model: int = 64  # model width
@@ -72,8 +72,8 @@ d_ff: int = 128  # active FFN width per token (the dense model's FFN width)
 n_experts: int = 8  # Switch experts (DeepSeek-style: 4 * n_experts - 1 routed + 1 shared, k = 3)
 lr_max: float = 3e-3  # peak learning rate (pre-training and re-warmed continual phase)
 lr_min: float = 3e-4  # final learning rate of the cosine decays
-eval_every: int = 25  # evaluate on held-out D1/D2 every this many pre-training steps
-cpt_eval_every: int = 15  # ... and every this many continual-phase steps
+eval_every: int = 20  # evaluate on held-out D1/D2 every this many pre-training steps
+cpt_eval_every: int = 12  # ... and every this many continual-phase steps
 eval_batches: int = 3  # held-out batches (of batch_size x seq_len) per domain
 vocab_size: int = 1024  # BPE vocabulary of the corpus
 max_bytes_per_domain: int = 1_500_000  # text budget per corpus domain
