@@ -47,6 +47,7 @@ from moebook.train import TrainConfig, train
 
 # %%
 import tempfile, time, shutil
+import matplotlib.pyplot as plt
 from fastcore.test import test_eq, test_ne, test_fail, test_close
 from moebook.core import record_metrics
 from moebook.corpus import CorpusRecipe, load_corpus
@@ -700,7 +701,6 @@ print(f"checkpoints in {run_root}; {len(run_variants)} models x replays {replay_
 
 # %%
 #| slow
-import matplotlib.pyplot as plt
 P, C = cfg.pretrain_steps, cfg.cpt_steps
 fig, ax = plt.subplots(figsize=(8, 3.2))
 for name, s in [("pre-train cosine, then re-warm + re-decay (main arm)", cfg.cosine_schedule()),
