@@ -146,6 +146,7 @@ test_eq({v: p["active"] - p["router"] for v, p in params.items()}, {v: params["d
 assert all(params[v]["total"] > 2 * params["dense"]["total"] for v in VARIANTS[1:])
 test_fail(lambda: variant_config("mixtral", 128), contains="unknown variant 'mixtral'")
 
+
 # %% [markdown]
 # ## The experiment's settings
 #
@@ -270,6 +271,7 @@ test_fail(lambda: CPTConfig(pretrain_steps=100, cooldown_steps=90), contains="mu
 test_fail(lambda: CPTConfig(batch_size=0), contains="batch_size must be an int >= 1")
 test_fail(lambda: CPTConfig(lr_const=1.0), contains="lr_min <= lr_const <= lr_max")
 
+
 # %% [markdown]
 # `train` counts steps from 0 in each phase, while the schedules above are functions of the *global* step.
 # `Shifted` gives a phase its slice of a global schedule, so one schedule object is the single truth that
@@ -298,6 +300,7 @@ cpt_sched = Shifted(sched, c.pretrain_steps)
 test_eq([cpt_sched(t) for t in range(c.cpt_steps)], [sched(c.pretrain_steps + t) for t in range(c.cpt_steps)])
 test_eq(cpt_sched.total_steps, c.cpt_steps); test_eq(Shifted(InfiniteSchedule(1, 1), 5).total_steps, None)
 test_fail(lambda: Shifted(sched, -1), contains="offset must be >= 0")
+
 
 # %% [markdown]
 # ## Data of each phase
@@ -361,6 +364,7 @@ test_eq(mix(0)["input_ids"], tiny_corpus.mixture_batch(mix.weights, 0, 0, 64, 8,
 assert 0.3 < (dom == tiny_corpus.domains.index("english")).float().mean() < 0.7
 test_fail(lambda: PhaseBatches(tiny_corpus, {"code": 0.5}, 4, 16), contains="weights must sum to 1")
 test_fail(lambda: PhaseBatches(tiny_corpus, {"code": 1.0}, 4, 10**7), contains="seq_len=10000000 is larger than")
+
 
 # %% [markdown]
 # ## Routing telemetry on held-out data
@@ -429,6 +433,7 @@ test_eq(imbalance(torch.tensor([[0], [0], [0], [0]]), 4), (1.0, 3.0))
 test_eq(routing_drift(torch.tensor([[0, 1], [2, 3]]), torch.tensor([[1, 0], [2, 1]])), 0.5)  # order ignored, sets compared
 test_fail(lambda: routing_drift(torch.zeros(2, 1), torch.zeros(3, 1)), contains="different shapes")
 
+
 # %% [markdown]
 # `CPTEvaluator` is the `eval_fn` of every phase. On fixed validation batches of D1 and D2 it returns a flat
 # dict of numbers (what `moebook.train` logs as `eval_*`): the LM loss per domain, the per-layer MRI and
@@ -491,6 +496,7 @@ ev.set_reference(m); test_eq(ev(m)["drift_l0"], 0.0)
 with torch.no_grad(): m.blocks[0].ffn.router.weight.mul_(-1)  # flip the router: most top-1 choices change
 assert ev(m)["drift_l0"] > 0.5
 test_eq(set(CPTEvaluator(tiny_corpus, "english", "code", 1, 4, 16)(MoeLM(small_cpt.model_config("dense", 512)))), {"d1_loss", "d2_loss"})
+
 
 # %% [markdown]
 # ## The phase driver
@@ -611,6 +617,7 @@ with tempfile.TemporaryDirectory() as d:
     test_eq(again, res); assert time.time() - t0 < first_s
 test_fail(lambda: run_variant(small_cpt, "dense", tiny_corpus, "/tmp", replays=(1.5,)), contains="replay must be a fraction")
 
+
 # %% [markdown]
 # ## Reading the histories
 #
@@ -661,6 +668,7 @@ test_close(layer_mean(h, "d1_mri")[1], [0.4, 0.6], eps=1e-12)
 test_fail(lambda: eval_curve(h, "d2_loss"), contains="no evaluation record has 'd2_loss'")
 test_eq(steps_to_reach([10, 20, 30], [5.0, 4.0, 3.0], 3.5), 25.0)
 test_eq(steps_to_reach([10, 20], [5.0, 4.0], 3.0), math.inf); test_eq(steps_to_reach([10, 20], [5.0, 4.0], 6.0), 10.0)
+
 
 # %% [markdown]
 # ## Experiment
@@ -776,6 +784,7 @@ if moe_variants:
         axes[i, 0].legend(fontsize=7, ncol=2)
     plt.tight_layout(); plt.show()
 
+
 # %% [markdown]
 # The MoE models' training-batch max-violation at every step (mean over layers, smoothed over 5 steps):
 # aux + z models see the new distribution's imbalance at once; Sinkhorn balances every training batch.
@@ -810,6 +819,7 @@ if moe_variants:
                 ax.plot(np.r_[P, s], np.r_[0.0, y], color=colors[v], ls="-" if l == 0 else "--", label=f"{v} L{l}")
         ax.set(title=f"routing drift on D1, replay {r:g}", xlabel="global step", ylabel="fraction of tokens re-routed")
     axes[0, 0].legend(fontsize=7, ncol=2); plt.tight_layout(); plt.show()
+
 
 # %% [markdown]
 # ### Numbers at the end of each phase
@@ -874,6 +884,7 @@ if "dense" in results:
         ax.bar(x + 0.2, [e["gap_after"] for e in eff.values()], 0.4, label=f"D2 loss gap, end of CPT (replay {r_eff:g})")
         ax.axhline(0, color="k", lw=0.8); ax.set_xticks(x, list(eff)); ax.set_ylabel("dense loss - MoE loss (nats)")
         ax.legend(fontsize=8); ax.set_title("MoE advantage over the FLOP-matched dense model"); plt.tight_layout(); plt.show()
+
 
 # %% [markdown]
 # ## Claim check
