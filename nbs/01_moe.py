@@ -145,6 +145,7 @@ test_fail(lambda: MoEConfig(n_experts=4, top_k=5), contains="top_k=5 > n_experts
 test_fail(lambda: MoEConfig(router="hash"), contains="router must be one of")
 test_fail(lambda: MoEConfig(capacity_factor=0.0), contains="capacity_factor")
 
+
 # %% [markdown]
 # ## Router
 #
@@ -232,6 +233,7 @@ load = torch.bincount(balanced.argmax(-1), minlength=8).float()
 assert load.max() / load.mean() < 1.5 and torch.bincount(skewed.argmax(-1), minlength=8).max() > 300, load
 _, it_capped, ok_capped = sinkhorn(skewed, tol=1e-12, max_iters=3)
 test_eq((it_capped, ok_capped), (3, False))
+
 
 # %% [markdown]
 # ## Dispatch and grouped experts
@@ -341,6 +343,7 @@ test_close(grouped_mm(xs, ws, cnt, off), ref, eps=1e-5)
 test_close(grouped_mm(xs, ws, cnt, off, use_kernel=False), ref, eps=1e-5)
 test_close(grouped_mm(xs.double(), ws.double(), cnt, off), ref.double(), eps=1e-5)  # fp64 falls back
 
+
 # %% [markdown]
 # ## The MoE layer
 #
@@ -425,6 +428,7 @@ aux = _check_against_loop(MoEConfig(d_model=16, d_ff_expert=8, n_experts=4, top_
 capacity = math.ceil(0.5 * 24 * 2 / 4)  # 24 tokens, k=2, E=4
 test_eq(aux.dropped, int((aux.routed_counts - capacity).clamp(min=0).sum())); assert aux.dropped > 0
 test_fail(lambda: MoELayer(MoEConfig(d_model=16))(torch.randn(3, 8)), contains="expects (..., d_model=16)")
+
 
 # %% [markdown]
 # ## Balancing losses
@@ -598,6 +602,7 @@ test_eq(bal.buffers[0], expert_counts(big_idx, 4)); test_eq(bal.steps[0], 3)
 bal.reset(); test_eq(bal.buffers, {})
 test_close(load_balancing_loss(big_probs, big_idx, scope="global", balancer=bal), load_balancing_loss(big_probs, big_idx), eps=1e-6)
 test_fail(lambda: GlobalBalancer(process_group=object()), contains="torch.distributed is not initialised")
+
 
 # %% [markdown]
 # The two-process (gloo) checks of the global scope — value and router gradients equal to the single-process
@@ -923,6 +928,7 @@ gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
 g1, g2 = model.generate(ids[:1, :4], **gen), reloaded.generate(ids[:1, :4], **gen)
 test_eq(g1.shape, (1, 9)); test_eq(g1, g2)
 
+
 # %% [markdown]
 # ## Experiment
 #
@@ -959,6 +965,7 @@ train_batches = [sample_batch(transitions, batch_size, seq_len, data_gen) for _ 
 eval_batch = sample_batch(transitions, 64, seq_len, data_gen)
 best_possible = math.log(BRANCHING)  # entropy of the true next-token distribution (after the first token)
 print(f"{steps} batches of {batch_size}x{seq_len} tokens; optimal loss ~ {best_possible:.3f} nats")
+
 
 # %%
 #| slow
