@@ -59,8 +59,8 @@ from moebook.train import CHECKPOINT_NAME, load_checkpoint
 seed: int = 0  # seed of model initialisation, data sampling and training
 progress: bool = True  # show progress bars
 variants: str = "dense,switch_aux,switch_sinkhorn,deepseek_aux,deepseek_sinkhorn"  # models to pre-train and continue (comma-separated)
-replays: str = "0,0.3"  # replay fractions of D1 in the continual phase (comma-separated; the paper's grid is 0,0.1,0.3)
-retrain_variants: str = "dense,switch_aux"  # models that also get the full re-training baseline on D1 + D2 ("" = none, "all")
+replays: str = "0,0.1,0.3"  # replay fractions of D1 in the continual phase (comma-separated)
+retrain_variants: str = "all"  # models that also get the full re-training baseline on D1 + D2 ("" = none, "all")
 infinite_variants: str = "switch_aux"  # models that also run the infinite-schedule arm ("" = none, "all")
 infinite_replay: float = 0.3  # replay fraction of the infinite-schedule arm
 pretrain_steps: int = 240  # optimizer steps on D1
