@@ -48,12 +48,12 @@ device: str = "auto"  # 'auto' (CUDA if available), 'cpu' or 'cuda'
 n_episodes: int = 80  # random-policy episodes of interaction data
 episode_len: int = 40  # steps per episode
 latent_dim: int = 16  # autoencoder / causal latents (8 true causal variables)
-ae_steps: int = 400  # autoencoder training steps
-flow_steps: int = 300  # normalizing-flow + transition-prior training steps per CRL model
-mapper_steps: int = 200  # training steps of each stage-2 mapper MLP
-lm_steps: int = 400  # language-model training steps
+ae_steps: int = 600  # autoencoder training steps
+flow_steps: int = 600  # normalizing-flow + transition-prior training steps per CRL model
+mapper_steps: int = 300  # training steps of each stage-2 mapper MLP
+lm_steps: int = 800  # language-model training steps
 lm_width: int = 96  # GPT-2 hidden size
-n_infer: int = 30  # causal-inference problems (each evaluated at h = 1, 2, 4, 8)
+n_infer: int = 40  # causal-inference problems (each evaluated at h = 1, 2, 4, 8)
 n_plan: int = 5  # planning problems per horizon (2, 4, 8)
 mcts_iters_per_step: int = 3  # MCTS expansions per plan step (iterations = this * horizon)
 data_fraction: float = 0.1  # the small fraction of the training data for the identification curve (vs 100%)
