@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_global_lbl.ipynb #b466654c
 from __future__ import annotations
-import dataclasses, json, math, os, subprocess, sys, tempfile, time
+import dataclasses, json, math, os, sys, tempfile, time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +19,7 @@ from .core import seed_everything
 from .corpus import Corpus, CorpusRecipe, load_corpus, stable_hash
 from .moe import GlobalBalancer, MoELayer, MoeLM, MoeLMConfig, expert_counts
 from .schedules import WarmupCosine
-from .train import TrainConfig, init_distributed, load_checkpoint, save_checkpoint, train
+from .train import TrainConfig, close_distributed, init_distributed, load_checkpoint, run_torchrun, save_checkpoint, train
 import concurrent.futures as cf
 import multiprocessing as mp
 from .core import progress as progress_bar
@@ -313,7 +313,7 @@ def ddp_main(argv: list[str] | None = None) -> None:
             ckpt = str(Path(args.ckpt_root) / f"{variant}-seed{s}") if args.ckpt_root else None
             res = run_variant(variant, cfg, ckpt_dir=ckpt, cache_dir=args.cache_dir)
             if dist.get_rank() == 0: save_checkpoint(res, Path(args.out) / f"{variant}-seed{s}.pt")
-    dist.destroy_process_group()
+    close_distributed()
 
 def run_ddp(cfg: ExperimentConfig, # the experiment (its seed is replaced by each of `seeds`)
             seeds: list[int], # one run of every variant per seed
@@ -330,16 +330,14 @@ def run_ddp(cfg: ExperimentConfig, # the experiment (its seed is replaced by eac
     if cfg.n_micro % nproc: raise ValueError(f"n_micro={cfg.n_micro} must be a multiple of nproc={nproc}")
     out = Path(out_dir or tempfile.mkdtemp(prefix="glbl-ddp-"))
     root = str(Path(moebook.__file__).resolve().parents[1])  # make the workers import this very package
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MOEBOOK_QUIET": "1",
+    env = {"OMP_NUM_THREADS": "1", "MOEBOOK_QUIET": "1",
            "PYTHONPATH": os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "--no-python",
-           sys.executable, "-c", "import sys; from moebook.global_lbl import ddp_main; ddp_main(sys.argv[1:])",
-           "--config", json.dumps(dataclasses.asdict(cfg)), "--seeds", ",".join(map(str, seeds)),
-           "--variants", ",".join(variants), "--out", str(out)]
-    if ckpt_root: cmd += ["--ckpt-root", str(ckpt_root)]
-    if cache_dir: cmd += ["--cache-dir", str(cache_dir)]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if r.returncode != 0: raise RuntimeError(f"torchrun failed (exit {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
+    argv = ["--no-python", sys.executable, "-c", "import sys; from moebook.global_lbl import ddp_main; ddp_main(sys.argv[1:])",
+            "--config", json.dumps(dataclasses.asdict(cfg)), "--seeds", ",".join(map(str, seeds)),
+            "--variants", ",".join(variants), "--out", str(out)]
+    if ckpt_root: argv += ["--ckpt-root", str(ckpt_root)]
+    if cache_dir: argv += ["--cache-dir", str(cache_dir)]
+    run_torchrun(argv, nproc=nproc, env=env, timeout=timeout)
     return {(v, s): load_checkpoint(out / f"{v}-seed{s}.pt") for s in seeds for v in variants}
 
 # %% ../nbs/02_global_lbl.ipynb #a19fdf85

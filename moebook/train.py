@@ -4,7 +4,7 @@
 
 # %% ../nbs/01a_train.ipynb #c8b52849
 from __future__ import annotations
-import contextlib, math, numbers, os, random, tempfile
+import contextlib, math, numbers, os, random, subprocess, sys, tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -20,8 +20,8 @@ from .core import pick_device, seed_everything
 
 # %% auto #0
 __all__ = ['CHECKPOINT_NAME', 'TrainConfig', 'batch_rng', 'shard_batch', 'model_loss', 'save_checkpoint', 'load_checkpoint',
-           'remove_stale_temporaries', 'rng_state', 'set_rng_state', 'DistInfo', 'init_distributed', 'make_optimizer',
-           'evaluate', 'train']
+           'remove_stale_temporaries', 'rng_state', 'set_rng_state', 'DistInfo', 'init_distributed',
+           'close_distributed', 'run_torchrun', 'make_optimizer', 'evaluate', 'train']
 
 # %% ../nbs/01a_train.ipynb #bfc07d02
 def _check_int(name, value, minimum):
@@ -166,6 +166,30 @@ def init_distributed(device: str = "auto") -> DistInfo:
         if cuda: torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if cuda else "gloo")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
+
+def close_distributed() -> None:
+    "Leave the process group together: a barrier first, so no rank tears down its connections while a peer still uses them."
+    if not dist.is_initialized(): return
+    dist.barrier()
+    dist.destroy_process_group()
+
+# %% ../nbs/01a_train.ipynb #b145dcb4
+def run_torchrun(argv: list[str], # the worker command: a script and its arguments (or `-m module ...`)
+                 nproc: int = 2, # processes on this machine
+                 env: Mapping[str, str] | None = None, # extra environment variables for the workers
+                 timeout: float = 3600, # seconds
+                ) -> None:
+    "Run `python -m torch.distributed.run --standalone --nproc_per_node nproc *argv`; raise with the failing ranks' errors."
+    if nproc < 1: raise ValueError(f"nproc must be >= 1, got {nproc}")
+    with tempfile.TemporaryDirectory(prefix="moebook-torchrun-") as logs:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "--log-dir", logs, "--redirects", "3", *map(str, argv)]
+        r = subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+        if r.returncode == 0: return
+        worker_errs = [f"--- {f.relative_to(logs)} ---\n{f.read_text()[-3000:]}"
+                       for f in sorted(Path(logs).rglob("stderr.log")) if f.read_text().strip()]
+    raise RuntimeError(f"torchrun ({nproc} ranks) failed with exit {r.returncode}: {' '.join(map(str, argv))}\n"
+                       + ("\n".join(worker_errs) or r.stderr[-3000:]))
 
 # %% ../nbs/01a_train.ipynb #b940c6e6
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:

@@ -32,7 +32,7 @@
 # %%
 #| export
 from __future__ import annotations
-import contextlib, math, numbers, os, random, tempfile
+import contextlib, math, numbers, os, random, subprocess, sys, tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -47,7 +47,7 @@ from moebook import core
 from moebook.core import pick_device, seed_everything
 
 # %%
-import json, shutil, subprocess, sys, time
+import json, shutil, time
 from types import SimpleNamespace
 from fastcore.test import test_eq, test_close, test_fail
 from moebook.schedules import WarmupCosine
@@ -295,9 +295,50 @@ def init_distributed(device: str = "auto") -> DistInfo:
         dist.init_process_group("nccl" if cuda else "gloo")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
 
+def close_distributed() -> None:
+    "Leave the process group together: a barrier first, so no rank tears down its connections while a peer still uses them."
+    if not dist.is_initialized(): return
+    dist.barrier()
+    dist.destroy_process_group()
+
 
 # %%
 test_eq(init_distributed("cpu"), DistInfo(0, 1, 0)); assert DistInfo().is_main
+close_distributed()  # no process group: nothing to do
+
+
+# %% [markdown]
+# `run_torchrun` starts `nproc` workers with `torchrun --standalone` and waits for them. Each worker's
+# output goes to its own log file, so when a run fails the error names the failing rank and shows *its*
+# traceback rather than the launcher's.
+
+# %%
+#| export
+def run_torchrun(argv: list[str], # the worker command: a script and its arguments (or `-m module ...`)
+                 nproc: int = 2, # processes on this machine
+                 env: Mapping[str, str] | None = None, # extra environment variables for the workers
+                 timeout: float = 3600, # seconds
+                ) -> None:
+    "Run `python -m torch.distributed.run --standalone --nproc_per_node nproc *argv`; raise with the failing ranks' errors."
+    if nproc < 1: raise ValueError(f"nproc must be >= 1, got {nproc}")
+    with tempfile.TemporaryDirectory(prefix="moebook-torchrun-") as logs:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "--log-dir", logs, "--redirects", "3", *map(str, argv)]
+        r = subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+        if r.returncode == 0: return
+        worker_errs = [f"--- {f.relative_to(logs)} ---\n{f.read_text()[-3000:]}"
+                       for f in sorted(Path(logs).rglob("stderr.log")) if f.read_text().strip()]
+    raise RuntimeError(f"torchrun ({nproc} ranks) failed with exit {r.returncode}: {' '.join(map(str, argv))}\n"
+                       + ("\n".join(worker_errs) or r.stderr[-3000:]))
+
+
+# %%
+with tempfile.TemporaryDirectory() as d:
+    ok = Path(d) / "ok.py"; ok.write_text("import os; open(os.environ['OUT'] + os.environ['RANK'], 'w').close()")
+    run_torchrun([ok], nproc=2, env={"OUT": f"{d}/rank"})
+    test_eq(sorted(p.name for p in Path(d).glob("rank*")), ["rank0", "rank1"])
+    bad = Path(d) / "bad.py"; bad.write_text("import os\nif os.environ['RANK'] == '1': raise KeyError('only rank one fails')")
+    test_fail(lambda: run_torchrun([bad], nproc=2), contains="only rank one fails")
 
 
 # %% [markdown]
@@ -674,13 +715,12 @@ if ddp_check:
     driver = Path("../tests/train_driver.py").resolve()
     if not driver.exists(): raise FileNotFoundError(f"DDP check needs the test driver script {driver} (run from nbs/)")
     out_dir = Path(tempfile.mkdtemp(prefix="moebook-ddp-"))
-    env = {**os.environ, "PYTHONPATH": str(driver.parents[1]), "OMP_NUM_THREADS": "1"}
+    env = {"PYTHONPATH": str(driver.parents[1]), "OMP_NUM_THREADS": "1"}
     common = ["--steps", "12", "--rows", "8", "--grad-accum", "2", "--dropout", "0.0"]
-    torchrun = Path(sys.executable).parent / "torchrun"
-    for cmd in ([str(torchrun), "--standalone", "--nproc_per_node", "2", str(driver), *common, "--out", str(out_dir / "ddp.json")],
-                [sys.executable, str(driver), *common, "--out", str(out_dir / "single.json")]):
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        if r.returncode: raise RuntimeError(f"{cmd[0]} failed:\n{r.stderr[-2000:]}")
+    run_torchrun([driver, *common, "--out", out_dir / "ddp.json"], nproc=2, env=env, timeout=600)
+    r = subprocess.run([sys.executable, str(driver), *common, "--out", str(out_dir / "single.json")],
+                       env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+    if r.returncode: raise RuntimeError(f"single-process driver failed:\n{r.stderr[-2000:]}")
     ddp, single = (json.loads((out_dir / f"{n}.json").read_text()) for n in ("ddp", "single"))
     ddp_weight_diff = max((torch.tensor(ddp["weights"][k]) - torch.tensor(single["weights"][k])).abs().max().item() for k in ddp["weights"])
     ddp_loss_diff = max(abs(a["loss"] - b["loss"]) for a, b in zip(ddp["history"], single["history"]))

@@ -4,7 +4,7 @@ count buffer accumulates over gradient-accumulation steps and is reset after eac
 
 Runs itself as the torchrun worker: `torchrun --nproc_per_node 2 tests/test_global_lbl.py --worker OUT.json`.
 """
-import copy, json, os, subprocess, sys
+import copy, json, os, sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +12,7 @@ import torch
 
 from moebook.global_lbl import SampledBalancer, capture_routing
 from moebook.moe import GlobalBalancer, MoeLM, MoeLMConfig, expert_counts
-from moebook.train import TrainConfig, batch_rng, train
+from moebook.train import TrainConfig, batch_rng, run_torchrun, train
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "MOEBOOK_QUIET": "1", "OMP_NUM_THREADS": "1"}
@@ -63,13 +63,13 @@ def run(scope: str, grad_accum: int, balancer: GlobalBalancer | None) -> dict:
 
 def worker(out: str) -> None:
     import torch.distributed as dist
-    from moebook.train import init_distributed
+    from moebook.train import close_distributed, init_distributed
     torch.set_num_threads(1)
     init_distributed("cpu")  # the balancer needs the process group when it is built
     res = {"accum1": run("global", 1, GlobalBalancer()), "accum2": run("global", 2, GlobalBalancer()),
            "scaled": run("global", 1, ScaledBalancer())}
     if dist.get_rank() == 0: Path(out).write_text(json.dumps(res))
-    dist.destroy_process_group()
+    close_distributed()
 
 
 def max_diff(a: dict, b: dict, only: str = "") -> float:
@@ -79,9 +79,7 @@ def max_diff(a: dict, b: dict, only: str = "") -> float:
 @pytest.fixture(scope="module")
 def ddp(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp") / "out.json"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
-                        "--worker", str(out)], env=ENV, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run_torchrun([__file__, "--worker", out], nproc=2, env=ENV, timeout=600)
     return json.loads(out.read_text())
 
 

@@ -177,6 +177,7 @@ def _worker(rank, init_file, out_dir):
         out.loss.backward()
         res["lm_grads"] = {n: p.grad.tolist() for n, p in model.named_parameters() if "router" in n}
         (out_dir / f"rank{rank}.json").write_text(json.dumps(res))
+        dist.barrier()  # leave together (see moebook.train.close_distributed)
     finally:
         dist.destroy_process_group()
 

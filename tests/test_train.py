@@ -7,13 +7,12 @@ import pytest
 import torch
 
 from moebook.schedules import InfiniteSchedule, WarmupCosine
-from moebook.train import (CHECKPOINT_NAME, TrainConfig, batch_rng, load_checkpoint, save_checkpoint, shard_batch,
-                           train)
+from moebook.train import (CHECKPOINT_NAME, TrainConfig, batch_rng, load_checkpoint, run_torchrun, save_checkpoint,
+                           shard_batch, train)
 from train_driver import TinyRegressor, regression_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "tests" / "train_driver.py"
-BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "MOEBOOK_QUIET": "1", "OMP_NUM_THREADS": "1"}
 
 
@@ -124,9 +123,7 @@ def test_torchrun_two_ranks_equals_single_process(tmp_path):
     "2 ranks x 4 rows x 2 micro-steps (no_sync on the first) == 1 process x 8 rows x 2 micro-steps."
     common = ["--steps", 12, "--rows", 8, "--grad-accum", 2, "--dropout", 0.0]
     args = [*common, "--out", tmp_path / "ddp.json", "--ckpt-dir", tmp_path / "ck", "--ckpt-every", 6]
-    ddp = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(DRIVER), *map(str, args)],
-                         env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    run_torchrun([DRIVER, *args], nproc=2, env=ENV, timeout=300)
     single = run_driver(*common, "--out", tmp_path / "single.json")
     assert single.wait(timeout=120) == 0, single.stderr.read()
     a, b = json.loads((tmp_path / "ddp.json").read_text()), json.loads((tmp_path / "single.json").read_text())

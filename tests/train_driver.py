@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moebook.schedules import WarmupCosine
-from moebook.train import TrainConfig, batch_rng, train
+from moebook.train import TrainConfig, batch_rng, close_distributed, train
 
 
 class TinyRegressor(nn.Module):
@@ -55,8 +55,7 @@ def main(argv=None):
         weights = {k: v.tolist() for k, v in model.state_dict().items()}
         with open(args.out, "w") as f:
             json.dump({"history": history, "weights": weights}, f)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    close_distributed()
 
 
 if __name__ == "__main__":
