@@ -15,14 +15,14 @@ from torch import nn
 
 from .core import seed_everything
 from .corpus import Corpus
-from .moe import MoELayer, MoeLM, MoeLMConfig, count_parameters, dense_matched
+from .moe import MoeLM, MoeLMConfig, capture_routing, count_parameters, dense_matched
 from .schedules import InfiniteSchedule, Phases, Schedule, WarmupCosine, check_steps, rewarm
 from .train import TrainConfig, train
 
 # %% auto #0
-__all__ = ['VARIANTS', 'variant_config', 'CPTConfig', 'Shifted', 'replay_weights', 'union_weights', 'PhaseBatches',
-           'capture_routing', 'imbalance', 'routing_drift', 'CPTEvaluator', 'moe_loss', 'run_phase', 'run_variant',
-           'eval_curve', 'final_eval', 'layer_mean', 'steps_to_reach']
+__all__ = ['VARIANTS', 'variant_config', 'CPTConfig', 'Shifted', 'replay_weights', 'union_weights', 'PhaseBatches', 'imbalance',
+           'routing_drift', 'CPTEvaluator', 'moe_loss', 'run_phase', 'run_variant', 'eval_curve', 'final_eval',
+           'layer_mean', 'steps_to_reach']
 
 # %% ../nbs/03_moe_cpt.ipynb #c1ec776e
 VARIANTS = ("dense", "switch_aux", "switch_sinkhorn", "deepseek_aux", "deepseek_sinkhorn")
@@ -187,26 +187,6 @@ class PhaseBatches:
         return {"input_ids": ids, "labels": ids}
 
 # %% ../nbs/03_moe_cpt.ipynb #da21a5b2
-class capture_routing:
-    "Context manager: records the (T, k) expert choices of every `MoELayer` of `model` on each forward."
-    def __init__(self, model: nn.Module):
-        self.layers = [m for m in model.modules() if isinstance(m, MoELayer)]
-        self.choices: list[list[torch.Tensor]] = [[] for _ in self.layers]  # per layer, one (T, k) per forward
-
-    def __enter__(self):
-        def hook(i):
-            def record(module, inputs, output): self.choices[i].append(output[1].router.expert_idx.detach().cpu())
-            return record
-        self.handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(self.layers)]
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles: h.remove()
-
-    def per_layer(self) -> list[torch.Tensor]:
-        "Per layer, every recorded forward's choices concatenated: (sum T, k)."
-        return [torch.cat(c) if c else torch.zeros(0, 1, dtype=torch.long) for c in self.choices]
-
 def imbalance(expert_idx: torch.Tensor, # (T, k) chosen experts of T tokens
               n_experts: int, # E
              ) -> tuple[float, float]: # (max routed fraction, max-violation)
@@ -242,7 +222,7 @@ class CPTEvaluator:
             with capture_routing(model) as cap:
                 losses = [model(input_ids=b.to(device), labels=b.to(device)).lm_loss.item() for b in self.batches[tag]]
         finally: model.train(was)
-        return float(np.mean(losses)), cap.per_layer()
+        return float(np.mean(losses)), cap.expert_choices()
 
     def set_reference(self, model: MoeLM) -> None:
         "Store the D1 probe routing of `model` (the end of pre-training): drift is measured against it."

@@ -5,7 +5,6 @@
 # %% ../nbs/02_global_lbl.ipynb #b466654c
 from __future__ import annotations
 import dataclasses, json, math, os, sys, tempfile, time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import torch.distributed as dist
 import moebook
 from .core import seed_everything
 from .corpus import Corpus, CorpusRecipe, load_corpus, stable_hash
-from .moe import GlobalBalancer, MoELayer, MoeLM, MoeLMConfig, expert_counts
+from .moe import GlobalBalancer, MoELayer, MoeLM, MoeLMConfig, RouterOutput, capture_routing, expert_counts
 from .schedules import WarmupCosine
 from .train import TrainConfig, close_distributed, init_distributed, load_checkpoint, run_torchrun, save_checkpoint, train
 import concurrent.futures as cf
@@ -25,7 +24,7 @@ import multiprocessing as mp
 from .core import progress as progress_bar
 
 # %% auto #0
-__all__ = ['VARIANTS', 'DP_VARIANTS', 'ExperimentConfig', 'variant_scope', 'unwrap', 'moe_layer_indices', 'capture_routing',
+__all__ = ['VARIANTS', 'DP_VARIANTS', 'ExperimentConfig', 'variant_scope', 'unwrap', 'moe_layer_indices', 'block_routes',
            'SampledBalancer', 'StepBatches', 'make_loss_fn', 'max_violation', 'evaluate_routing', 'specialisation',
            'TimedBalancer', 'make_balancer', 'run_variant', 'ddp_main', 'run_ddp', 'run_experiment', 'summarise']
 
@@ -94,18 +93,11 @@ def moe_layer_indices(model: torch.nn.Module) -> list[int]:
     "Block indices of the MoE layers of a MoeLM."
     return [i for i, b in enumerate(unwrap(model).blocks) if isinstance(b.ffn, MoELayer)]
 
-@contextmanager
-def capture_routing(model: torch.nn.Module, # a MoeLM (or DDP-wrapped MoeLM)
-                   ):
-    "Yields {block index: [RouterOutput of each forward]} filled while the context is open."
-    records, handles = {}, []
-    for i in moe_layer_indices(model):
-        records[i] = []
-        hook = lambda mod, inp, out, i=i: records[i].append(out[1].router)
-        handles.append(unwrap(model).blocks[i].ffn.register_forward_hook(hook))
-    try: yield records
-    finally:
-        for h in handles: h.remove()
+def block_routes(model: torch.nn.Module, # the MoeLM (or DDP-wrapped MoeLM) that `cap` watched
+                 cap: capture_routing, # a finished capture
+                ) -> dict[int, list[RouterOutput]]: # block index -> RouterOutput of each forward
+    "The routing `cap` recorded, keyed by MoeLM block index."
+    return dict(zip(moe_layer_indices(model), cap.outputs))
 
 # %% ../nbs/02_global_lbl.ipynb #bf38b9e8
 class SampledBalancer(GlobalBalancer):
@@ -132,9 +124,10 @@ class SampledBalancer(GlobalBalancer):
         model = unwrap(model); was_training = model.training
         model.eval()  # eval mode: same softmax routing, and the balance loss does not call back into this balancer
         try:
-            with capture_routing(model) as rec:
+            with capture_routing(model) as cap:
                 for m in range(n_micro): model(input_ids[m])
         finally: model.train(was_training)
+        rec = block_routes(model, cap)
         gen = torch.Generator().manual_seed(stable_hash("lbl-sample", self.seed, step) % 2**63)
         samples = [torch.randperm(n_micro * n_tokens, generator=gen)[:self.n_sample] for _ in range(n_micro)]
         self.sample_counts = {}
@@ -216,7 +209,8 @@ def evaluate_routing(model: MoeLM, corpus: Corpus, cfg: ExperimentConfig) -> dic
                 raise ValueError(f"domain {dom!r} has {n_avail} validation batches of {cfg.batch_size}x{cfg.seq_len}, eval_batches={cfg.eval_batches}")
             ce = []
             for ids in corpus.validation_batches(dom, cfg.batch_size, cfg.seq_len, cfg.eval_batches):
-                with capture_routing(model) as rec: out = model(ids, labels=ids)
+                with capture_routing(model) as cap: out = model(ids, labels=ids)
+                rec = block_routes(model, cap)
                 ce.append(out.lm_loss.item())
                 n_tok[d] += ids.numel()
                 for j, layer in enumerate(layers):

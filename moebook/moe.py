@@ -19,8 +19,8 @@ from transformers.utils import ModelOutput
 __all__ = ['ROUTERS', 'LB_SCOPES', 'FAMILIES', 'MoEConfig', 'sinkhorn', 'RouterOutput', 'Router', 'Dispatch', 'dispatch',
            'grouped_mm', 'GroupedExperts', 'SwiGLU', 'MoEAux', 'MoELayer', 'moe_reference', 'expert_counts',
            'load_balancing_loss', 'z_loss', 'GlobalBalancer', 'RoutingStats', 'routing_stats', 'plot_load_heatmap',
-           'MoeLMConfig', 'dense_matched', 'rotary', 'CausalSelfAttention', 'Block', 'MoeLMOutput', 'MoeLM',
-           'count_parameters']
+           'capture_routing', 'MoeLMConfig', 'dense_matched', 'rotary', 'CausalSelfAttention', 'Block', 'MoeLMOutput',
+           'MoeLM', 'count_parameters']
 
 # %% ../nbs/01_moe.ipynb #f164dd24
 ROUTERS = ("softmax", "sinkhorn")
@@ -406,6 +406,27 @@ def plot_load_heatmap(loads, # (layers, E) loads: tensor/array, or a list of Rou
     ax.set_yticks(range(arr.shape[0]))
     ax.figure.colorbar(im, ax=ax)
     return ax
+
+class capture_routing:
+    "Context manager: the `RouterOutput` of every `MoELayer` in `model`, for each forward while it is open."
+    def __init__(self, model: nn.Module):
+        self.layers = [m for m in model.modules() if isinstance(m, MoELayer)]  # module order = block order in a MoeLM
+        self.outputs: list[list[RouterOutput]] = [[] for _ in self.layers]  # per layer, one RouterOutput per forward
+        self._handles = []
+
+    def __enter__(self):
+        for i, layer in enumerate(self.layers):
+            self._handles.append(layer.register_forward_hook(lambda mod, inp, out, i=i: self.outputs[i].append(out[1].router)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles: h.remove()
+        self._handles.clear()
+
+    def expert_choices(self) -> list[torch.Tensor]:
+        "Per layer, the (sum of T, k) expert choices of every recorded forward, detached on the CPU."
+        return [torch.cat([r.expert_idx.detach().cpu() for r in outs]) if outs else torch.zeros(0, 1, dtype=torch.long)
+                for outs in self.outputs]
 
 # %% ../nbs/01_moe.ipynb #7d3479f2
 class MoeLMConfig(PretrainedConfig):

@@ -616,7 +616,9 @@ test_fail(lambda: GlobalBalancer(process_group=object()), contains="torch.distri
 # capacity dropping), **max-violation** `(max load − mean load) / mean load` (0 = perfect balance), the CPT
 # paper's **maximum routing imbalance** `MRI = max_i tokens routed to i / tokens`, the mean **router entropy**
 # (nats; log E = uniform router), dropped token-slots and the Sinkhorn iteration report.
-# `plot_load_heatmap` draws a layer × expert grid of load relative to uniform.
+# `plot_load_heatmap` draws a layer × expert grid of load relative to uniform. `capture_routing(model)`
+# records what every `MoELayer` inside any model routed while the context is open (forward hooks, so the
+# model needs no changes; a `DistributedDataParallel` wrapper is looked through).
 
 # %%
 #| export
@@ -665,6 +667,27 @@ def plot_load_heatmap(loads, # (layers, E) loads: tensor/array, or a list of Rou
     ax.figure.colorbar(im, ax=ax)
     return ax
 
+class capture_routing:
+    "Context manager: the `RouterOutput` of every `MoELayer` in `model`, for each forward while it is open."
+    def __init__(self, model: nn.Module):
+        self.layers = [m for m in model.modules() if isinstance(m, MoELayer)]  # module order = block order in a MoeLM
+        self.outputs: list[list[RouterOutput]] = [[] for _ in self.layers]  # per layer, one RouterOutput per forward
+        self._handles = []
+
+    def __enter__(self):
+        for i, layer in enumerate(self.layers):
+            self._handles.append(layer.register_forward_hook(lambda mod, inp, out, i=i: self.outputs[i].append(out[1].router)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles: h.remove()
+        self._handles.clear()
+
+    def expert_choices(self) -> list[torch.Tensor]:
+        "Per layer, the (sum of T, k) expert choices of every recorded forward, detached on the CPU."
+        return [torch.cat([r.expert_idx.detach().cpu() for r in outs]) if outs else torch.zeros(0, 1, dtype=torch.long)
+                for outs in self.outputs]
+
 
 # %%
 import matplotlib.pyplot as plt
@@ -681,6 +704,13 @@ assert 0 < st.router_entropy <= math.log(4) + 1e-6
 mask = torch.ones(3, 5); mask[:, -1] = 0
 test_eq(int(routing_stats(aux, mask).load.sum()), 24)
 ax = plot_load_heatmap([st, st]); test_eq(ax.get_images()[0].get_array().shape, (2, 4))
+two = nn.Sequential(layer, nn.Identity(), MoELayer(MoEConfig(d_model=16, d_ff_expert=8, n_experts=4, top_k=2)))
+x = torch.randn(3, 5, 16)
+with capture_routing(two) as cap: two[0](x); two[2](x[0])
+test_eq([len(o) for o in cap.outputs], [1, 1])
+test_eq(cap.outputs[0][0].expert_idx, layer(x)[1].router.expert_idx)  # what the layer itself routed
+test_eq([c.shape for c in cap.expert_choices()], [(15, 2), (5, 2)])
+test_eq(len(layer._forward_hooks), 0)  # hooks removed on exit
 
 
 # %% [markdown]

@@ -34,7 +34,6 @@
 #| export
 from __future__ import annotations
 import dataclasses, json, math, os, sys, tempfile, time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +45,7 @@ import torch.distributed as dist
 import moebook
 from moebook.core import seed_everything
 from moebook.corpus import Corpus, CorpusRecipe, load_corpus, stable_hash
-from moebook.moe import GlobalBalancer, MoELayer, MoeLM, MoeLMConfig, expert_counts
+from moebook.moe import GlobalBalancer, MoELayer, MoeLM, MoeLMConfig, RouterOutput, capture_routing, expert_counts
 from moebook.schedules import WarmupCosine
 from moebook.train import TrainConfig, close_distributed, init_distributed, load_checkpoint, run_torchrun, save_checkpoint, train
 import concurrent.futures as cf
@@ -194,9 +193,9 @@ test_fail(lambda: variant_scope("batch"), contains="unknown variant 'batch'")
 # %% [markdown]
 # ## Capturing the routing
 #
-# `capture_routing(model)` records the `RouterOutput` (full softmax `probs (T, E)`, chosen `expert_idx (T, k)`)
-# of every MoE layer's forward passes through forward hooks, keyed by block index; it works on a DDP-wrapped
-# model too.
+# `moebook.moe.capture_routing(model)` records the `RouterOutput` (full softmax `probs (T, E)`, chosen
+# `expert_idx (T, k)`) of every MoE layer's forward passes through forward hooks. `block_routes` keys them by
+# block index: the `layer` a MoeLM passes to its balancer.
 
 # %%
 #| export
@@ -208,18 +207,11 @@ def moe_layer_indices(model: torch.nn.Module) -> list[int]:
     "Block indices of the MoE layers of a MoeLM."
     return [i for i, b in enumerate(unwrap(model).blocks) if isinstance(b.ffn, MoELayer)]
 
-@contextmanager
-def capture_routing(model: torch.nn.Module, # a MoeLM (or DDP-wrapped MoeLM)
-                   ):
-    "Yields {block index: [RouterOutput of each forward]} filled while the context is open."
-    records, handles = {}, []
-    for i in moe_layer_indices(model):
-        records[i] = []
-        hook = lambda mod, inp, out, i=i: records[i].append(out[1].router)
-        handles.append(unwrap(model).blocks[i].ffn.register_forward_hook(hook))
-    try: yield records
-    finally:
-        for h in handles: h.remove()
+def block_routes(model: torch.nn.Module, # the MoeLM (or DDP-wrapped MoeLM) that `cap` watched
+                 cap: capture_routing, # a finished capture
+                ) -> dict[int, list[RouterOutput]]: # block index -> RouterOutput of each forward
+    "The routing `cap` recorded, keyed by MoeLM block index."
+    return dict(zip(moe_layer_indices(model), cap.outputs))
 
 
 # %%
@@ -227,11 +219,14 @@ seed_everything(seed)
 tiny_cfg = ExperimentConfig(d_model=16, n_heads=2, n_experts=4, top_k=2, d_ff_expert=8)
 tiny = MoeLM(tiny_cfg.model_config(50, "micro"))
 ids = torch.randint(0, 50, (3, 7))
-with capture_routing(tiny) as rec: tiny(ids); tiny(ids[:1])
+with capture_routing(tiny) as cap: tiny(ids); tiny(ids[:1])
+rec = block_routes(tiny, cap)
 test_eq(sorted(rec), [0, 1]); test_eq(len(rec[0]), 2)
 test_eq(rec[1][0].expert_idx.shape, (21, 2)); test_eq(rec[1][1].probs.shape, (7, 4))
-with capture_routing(tiny) as rec2: pass
-test_eq(tiny.blocks[0].ffn._forward_hooks, {})  # hooks are removed on exit
+part_moe = MoeLM(MoeLMConfig(vocab_size=50, d_model=16, n_heads=2, n_layers=3, moe_layers=[1, 2], n_experts=4,
+                             num_experts_per_tok=2, d_ff_expert=8))
+with capture_routing(part_moe) as cap: part_moe(ids)
+test_eq(sorted(block_routes(part_moe, cap)), [1, 2])  # block indices, not positions among the MoE layers
 
 
 # %% [markdown]
@@ -267,9 +262,10 @@ class SampledBalancer(GlobalBalancer):
         model = unwrap(model); was_training = model.training
         model.eval()  # eval mode: same softmax routing, and the balance loss does not call back into this balancer
         try:
-            with capture_routing(model) as rec:
+            with capture_routing(model) as cap:
                 for m in range(n_micro): model(input_ids[m])
         finally: model.train(was_training)
+        rec = block_routes(model, cap)
         gen = torch.Generator().manual_seed(stable_hash("lbl-sample", self.seed, step) % 2**63)
         samples = [torch.randperm(n_micro * n_tokens, generator=gen)[:self.n_sample] for _ in range(n_micro)]
         self.sample_counts = {}
@@ -304,7 +300,8 @@ class SampledBalancer(GlobalBalancer):
 seed_everything(seed)
 gids = torch.randint(0, 50, (3, 2, 5))  # M=3 micro-batches of 2x5 tokens
 full = SampledBalancer(n_sample=30, seed=0); full.prepare(tiny, gids, step=0)
-with capture_routing(tiny) as rec, torch.no_grad(): all_routes = [tiny(gids[m]) for m in range(3)]
+with capture_routing(tiny) as cap, torch.no_grad(): all_routes = [tiny(gids[m]) for m in range(3)]
+rec = block_routes(tiny, cap)
 idx_all = torch.cat([r.expert_idx for r in rec[0]])
 for m in range(3): test_eq(full.sample_counts[0][m], expert_counts(idx_all, 4))  # sample = everything
 probs_m, idx_m = rec[0][1].probs, rec[0][1].expert_idx
@@ -434,7 +431,8 @@ def evaluate_routing(model: MoeLM, corpus: Corpus, cfg: ExperimentConfig) -> dic
                 raise ValueError(f"domain {dom!r} has {n_avail} validation batches of {cfg.batch_size}x{cfg.seq_len}, eval_batches={cfg.eval_batches}")
             ce = []
             for ids in corpus.validation_batches(dom, cfg.batch_size, cfg.seq_len, cfg.eval_batches):
-                with capture_routing(model) as rec: out = model(ids, labels=ids)
+                with capture_routing(model) as cap: out = model(ids, labels=ids)
+                rec = block_routes(model, cap)
                 ce.append(out.lm_loss.item())
                 n_tok[d] += ids.numel()
                 for j, layer in enumerate(layers):

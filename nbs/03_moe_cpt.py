@@ -41,7 +41,7 @@ from torch import nn
 
 from moebook.core import seed_everything
 from moebook.corpus import Corpus
-from moebook.moe import MoELayer, MoeLM, MoeLMConfig, count_parameters, dense_matched
+from moebook.moe import MoeLM, MoeLMConfig, capture_routing, count_parameters, dense_matched
 from moebook.schedules import InfiniteSchedule, Phases, Schedule, WarmupCosine, check_steps, rewarm
 from moebook.train import TrainConfig, train
 
@@ -51,7 +51,7 @@ import matplotlib.pyplot as plt
 from fastcore.test import test_eq, test_ne, test_fail, test_close
 from moebook.core import record_metrics
 from moebook.corpus import CorpusRecipe, load_corpus
-from moebook.moe import MoEConfig, routing_stats
+from moebook.moe import MoEConfig, MoELayer, routing_stats
 from moebook.schedules import schedule_values
 from moebook.train import CHECKPOINT_NAME, load_checkpoint
 
@@ -378,30 +378,11 @@ test_fail(lambda: PhaseBatches(tiny_corpus, {"code": 1.0}, 4, 10**7), contains="
 # - **routing drift**: the fraction of tokens of a fixed D1 probe set whose top-k *set* of experts differs from
 #   the one they had at the end of pre-training, per layer.
 #
-# The expert choices are read with forward hooks on the `MoELayer`s, so any `MoeLM` works unchanged.
+# The expert choices are read with `moebook.moe.capture_routing` (forward hooks on the `MoELayer`s), so any
+# `MoeLM` works unchanged.
 
 # %%
 #| export
-class capture_routing:
-    "Context manager: records the (T, k) expert choices of every `MoELayer` of `model` on each forward."
-    def __init__(self, model: nn.Module):
-        self.layers = [m for m in model.modules() if isinstance(m, MoELayer)]
-        self.choices: list[list[torch.Tensor]] = [[] for _ in self.layers]  # per layer, one (T, k) per forward
-
-    def __enter__(self):
-        def hook(i):
-            def record(module, inputs, output): self.choices[i].append(output[1].router.expert_idx.detach().cpu())
-            return record
-        self.handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(self.layers)]
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles: h.remove()
-
-    def per_layer(self) -> list[torch.Tensor]:
-        "Per layer, every recorded forward's choices concatenated: (sum T, k)."
-        return [torch.cat(c) if c else torch.zeros(0, 1, dtype=torch.long) for c in self.choices]
-
 def imbalance(expert_idx: torch.Tensor, # (T, k) chosen experts of T tokens
               n_experts: int, # E
              ) -> tuple[float, float]: # (max routed fraction, max-violation)
@@ -421,10 +402,7 @@ def routing_drift(reference: torch.Tensor, # (T, k) expert choices at the refere
 # %%
 seed_everything(seed)
 lay = MoELayer(MoEConfig(d_model=16, d_ff_expert=8, n_experts=4, top_k=2))
-with capture_routing(nn.Sequential(lay)) as cap:
-    _, aux = lay(torch.randn(3, 5, 16)); lay(torch.randn(2, 16))
-test_eq([c.shape for c in cap.per_layer()], [(17, 2)])
-test_eq(len(lay._forward_hooks), 0)  # hooks removed on exit
+_, aux = lay(torch.randn(3, 5, 16))
 mri, vio = imbalance(aux.router.expert_idx, 4)
 st = routing_stats(aux)  # moebook.moe's telemetry of the same forward: identical definitions
 test_close((mri, vio), (st.max_routed_fraction, st.max_violation), eps=1e-6)
@@ -462,7 +440,7 @@ class CPTEvaluator:
             with capture_routing(model) as cap:
                 losses = [model(input_ids=b.to(device), labels=b.to(device)).lm_loss.item() for b in self.batches[tag]]
         finally: model.train(was)
-        return float(np.mean(losses)), cap.per_layer()
+        return float(np.mean(losses)), cap.expert_choices()
 
     def set_reference(self, model: MoeLM) -> None:
         "Store the D1 probe routing of `model` (the end of pre-training): drift is measured against it."

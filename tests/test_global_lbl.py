@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from moebook.global_lbl import SampledBalancer, capture_routing
-from moebook.moe import GlobalBalancer, MoeLM, MoeLMConfig, expert_counts
+from moebook.global_lbl import SampledBalancer, block_routes
+from moebook.moe import GlobalBalancer, MoeLM, MoeLMConfig, capture_routing, expert_counts
 from moebook.train import TrainConfig, batch_rng, run_torchrun, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,8 +121,8 @@ class RecordingBalancer(GlobalBalancer):
 
 
 def routing_counts(model, ids) -> dict[int, torch.Tensor]:
-    with torch.no_grad(), capture_routing(model) as rec: model(ids)
-    return {layer: expert_counts(r[0].expert_idx, 4) for layer, r in rec.items()}
+    with torch.no_grad(), capture_routing(model) as cap: model(ids)
+    return {layer: expert_counts(r[0].expert_idx, 4) for layer, r in block_routes(model, cap).items()}
 
 
 @pytest.mark.parametrize("reset", [True, False])
