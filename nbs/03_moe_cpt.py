@@ -60,8 +60,8 @@ seed: int = 0  # seed of model initialisation, data sampling and training
 progress: bool = True  # show progress bars
 variants: str = "dense,switch_aux,switch_sinkhorn,deepseek_aux,deepseek_sinkhorn"  # models to pre-train and continue (comma-separated)
 replays: str = "0,0.1,0.3"  # replay fractions of D1 in the continual phase (comma-separated)
-retrain_variants: str = "all"  # models that also get the full re-training baseline on D1 + D2 ("" = none, "all")
-infinite_variants: str = "switch_aux"  # models that also run the infinite-schedule arm ("" = none, "all")
+retrain_variants: str = "all"  # models that also get the full re-training baseline on D1 + D2 (empty: none; or "all")
+infinite_variants: str = "switch_aux"  # models that also run the infinite-schedule arm (empty: none; or "all")
 infinite_replay: float = 0.3  # replay fraction of the infinite-schedule arm
 pretrain_steps: int = 240  # optimizer steps on D1
 cpt_steps: int = 120  # optimizer steps of the continual phase on D2 (+ replay)
@@ -70,7 +70,7 @@ seq_len: int = 64  # tokens per sequence
 d_model: int = 64  # model width
 n_layers: int = 2  # decoder blocks (every FFN is an MoE layer in the MoE models)
 d_ff: int = 128  # active FFN width per token (the dense model's FFN width)
-n_experts: int = 8  # Switch experts (DeepSeek-style: 4 * n_experts - 1 routed + 1 shared, k = 3)
+n_experts: int = 8  # Switch experts (DeepSeek-style: 4 * n_experts - 1 routed + 1 shared, top-3)
 lr_max: float = 3e-3  # peak learning rate (pre-training and re-warmed continual phase)
 lr_min: float = 3e-4  # final learning rate of the cosine decays
 eval_every: int = 20  # evaluate on held-out D1/D2 every this many pre-training steps
@@ -78,7 +78,7 @@ cpt_eval_every: int = 12  # ... and every this many continual-phase steps
 eval_batches: int = 3  # held-out batches (of batch_size x seq_len) per domain
 vocab_size: int = 1024  # BPE vocabulary of the corpus
 max_bytes_per_domain: int = 1_500_000  # text budget per corpus domain
-ckpt_root: str = ""  # folder for the phase checkpoints ("" = a temporary folder); rerunning with the same folder resumes
+ckpt_root: str = ""  # folder for the phase checkpoints (empty: a temporary folder); rerunning with the same folder resumes
 threads: int = 1  # torch CPU threads (these matrices are tiny: one thread is fastest and immune to a busy machine)
 
 # %% [markdown]

@@ -1067,9 +1067,10 @@ plt.tight_layout(); plt.show()
 # %% [markdown]
 # ## Claim check
 #
-# The table is computed by the cell below from this run's variables. Development runs on the shared, saturated
-# CPU (see the report in the repository history) only reached the tiny smoke setting end to end; run
-# `moebook run nbs/05_vidcap_pseudolabels.ipynb` for the default-scale numbers.
+# The table is computed by the cell below from this run's variables: the committed outputs are the default
+# setting, which takes about 5 minutes on an idle 2-core CPU. With one seed a verdict only says which way the
+# difference went; `moebook run nbs/05_vidcap_pseudolabels.ipynb -p n_seeds 3` reports means ± spread and
+# calls a claim supported only when the difference exceeds twice the spread.
 
 # %%
 #| slow

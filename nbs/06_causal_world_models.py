@@ -53,9 +53,9 @@ flow_steps: int = 600  # normalizing-flow + transition-prior training steps per 
 mapper_steps: int = 300  # training steps of each stage-2 mapper MLP
 lm_steps: int = 800  # language-model training steps
 lm_width: int = 96  # GPT-2 hidden size
-n_infer: int = 40  # causal-inference problems (each evaluated at h = 1, 2, 4, 8)
+n_infer: int = 40  # causal-inference problems (each evaluated at horizons 1, 2, 4 and 8)
 n_plan: int = 5  # planning problems per horizon (2, 4, 8)
-mcts_iters_per_step: int = 3  # MCTS expansions per plan step (iterations = this * horizon)
+mcts_iters_per_step: int = 3  # MCTS expansions per plan step (iterations: this times the horizon)
 data_fraction: float = 0.1  # the small fraction of the training data for the identification curve (vs 100%)
 
 # %% [markdown]

@@ -50,6 +50,15 @@ def test_every_notebook_has_typed_parameters(nb):
     assert params, f"{nb.name}: the parameters cell sets nothing"
 
 
+@pytest.mark.parametrize("nb", notebooks(), ids=lambda p: p.stem)
+def test_papermill_reads_every_parameter(nb):
+    "`papermill --help-notebook` lists each parameter with its type and comment (an `=` in a comment breaks its parser)."
+    from papermill.translators import PythonTranslator
+    cell = next(c for c in nbformat.read(nb, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
+    seen = [p.name for p in PythonTranslator.inspect(cell)]
+    assert seen == list(read_parameters(nb)), f"{nb.name}: papermill parses {seen}, the notebook sets {list(read_parameters(nb))}"
+
+
 def test_paper_notebooks_end_with_claim_check():
     for nb in notebooks():
         if not nb.stem[:2].isdigit() or not 1 <= int(nb.stem[:2]) <= 6: continue
