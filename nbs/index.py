@@ -94,7 +94,7 @@ show_runs: bool = False  # list the recorded runs below the summary
 # | Global LBL ([02](02_global_lbl.ipynb)) | (1) global-batch LBL lowers perplexity | avg PPL micro 416.4 ± 13.5 vs global 416.8 ± 14.6 (2 seeds) | inconclusive (within seed noise) |
 # | | (2) global-batch LBL increases domain specialisation | I(domain; expert) 0.230 → 0.409 | supported |
 # | | (3) the gain comes from diversity (shuffle ablation) | sampled-token balance: I = 0.534 | supported on specialisation only |
-# | | (4) the synchronisation overhead is small | +15 ± 18 % step time on a shared 2-core CPU | not supported here (re-measure on an idle machine) |
+# | | (4) the synchronisation overhead is small | +26 ± 2 % step time (2 gloo ranks on an idle 2-core CPU, 130 ms steps) | not supported at this scale (latency-bound; paper: +5.8 % on 1.5 s steps) |
 # | MoE CPT ([03](03_moe_cpt.ipynb)) | (1) routers do not worsen forgetting vs dense | worst MoE forgets 0.17 nats more than dense (replay 0) | not supported at toy scale |
 # | | (2) balance on the old distribution is kept | aux+z: D1 max-violation spikes, partly recovers; Sinkhorn moves little but is unbalanced at inference | not supported |
 # | | (3) replay + re-warm/re-decay suffices | replay 0.3 removes forgetting; D2 loss 2–5 % above re-training | not supported (2 % threshold) |
