@@ -47,8 +47,7 @@ from moebook import core
 from moebook.core import pick_device, seed_everything
 
 # %%
-import json, shutil, time
-from types import SimpleNamespace
+import json, runpy, shutil, time
 from fastcore.test import test_eq, test_close, test_fail
 from moebook.schedules import WarmupCosine
 
@@ -499,21 +498,12 @@ def train(model: nn.Module, # `model(**batch).loss` is the loss unless `loss_fn`
 # ### Tests on a tiny model
 #
 # A two-layer regressor with dropout (so resuming must restore the RNG) on batches that are a pure
-# function of `(step, micro_step)`.
+# function of `(step, micro_step)`. Both come from `tests/train_driver.py`, the script the test suite and the
+# DDP check below start as separate processes, so this notebook and the tests exercise the same model.
 
 # %%
-class TinyRegressor(nn.Module):
-    def __init__(self, dropout=0.1):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Dropout(dropout), nn.Linear(16, 1))
-    def forward(self, x, y):  # x: (B, 4), y: (B, 1)
-        return SimpleNamespace(loss=nn.functional.mse_loss(self.net(x), y))
-
-def regression_batches(rows=8, seed=0):
-    def get(step, micro):
-        x = torch.randn(rows, 4, generator=batch_rng(seed, step, micro))
-        return {"x": x, "y": x.sum(1, keepdim=True).sin()}
-    return get
+driver_script = runpy.run_path("../tests/train_driver.py")  # run as a module, not as __main__
+TinyRegressor, regression_batches = driver_script["TinyRegressor"], driver_script["regression_batches"]
 
 def tiny(dropout=0.1): torch.manual_seed(0); return TinyRegressor(dropout)
 def weights(m): return {k: v.detach().clone() for k, v in m.state_dict().items()}

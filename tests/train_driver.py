@@ -15,6 +15,7 @@ from moebook.train import TrainConfig, batch_rng, close_distributed, train
 
 
 class TinyRegressor(nn.Module):
+    "A two-layer regressor with dropout: (x (B, 4), y (B, 1)) -> output with `.loss` (MSE)."
     def __init__(self, dropout=0.1):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Dropout(dropout), nn.Linear(16, 1))
@@ -23,7 +24,7 @@ class TinyRegressor(nn.Module):
         return SimpleNamespace(loss=nn.functional.mse_loss(self.net(x), y))
 
 
-def regression_batches(rows, seed=0):
+def regression_batches(rows=8, seed=0):
     "batches(step, micro) -> {'x': (rows, 4), 'y': (rows, 1)}, a pure function of its arguments."
     def get(step, micro):
         x = torch.randn(rows, 4, generator=batch_rng(seed, step, micro))
