@@ -53,8 +53,8 @@ flow_steps: int = 600  # normalizing-flow + transition-prior training steps per 
 mapper_steps: int = 300  # training steps of each stage-2 mapper MLP
 lm_steps: int = 800  # language-model training steps
 lm_width: int = 96  # GPT-2 hidden size
-n_infer: int = 40  # causal-inference problems (each evaluated at horizons 1, 2, 4 and 8)
-n_plan: int = 5  # planning problems per horizon (2, 4, 8)
+n_infer: int = 50  # causal-inference problems (each evaluated at horizons 1, 2, 4 and 8)
+n_plan: int = 20  # planning problems per horizon (2, 4, 8)
 mcts_iters_per_step: int = 3  # MCTS expansions per plan step (iterations: this times the horizon)
 data_fraction: float = 0.1  # the small fraction of the training data for the identification curve (vs 100%)
 
@@ -1336,3 +1336,13 @@ record_metrics(identification_r2={f"{m}_{f}": float(r["r2"].mean()) for (m, f), 
                inference_exact_cwm={h: float(exact_cwm[h]) for h in horizons}, inference_exact_lm={h: float(exact_lm[h]) for h in horizons},
                planning_success_cwm={h: float(success_cwm[h]) for h in plan_horizons}, planning_success_lm={h: float(success_lm[h]) for h in plan_horizons},
                claim_beats=bool(beats), claim_gap_grows=bool(grows_inf and grows_plan), lm_final_loss=float(np.mean(lm_losses[-20:])))
+
+# %% [markdown]
+# **Reading the verdicts.** The world model predicts single variables far better than the LM one step ahead
+# (0.61 vs 0.29 per-variable accuracy at h=1 in the committed run), but its errors compound: by h=8 it is
+# level with the LM, so the gap *shrinks* with the horizon where the paper's grows. Neither model ever gets a
+# whole 8-variable state exactly right (exact-state accuracy 0 at every horizon), and a plan only counts when
+# the whole goal state is reached in the true environment, so both planners almost never succeed (1 of 20
+# goals at h=2, none beyond). With the identification R² at 0.34 for all data (the paper: 0.99), the weak link
+# is the causal representation; the parameters `n_episodes`, `ae_steps`, `flow_steps` and `mcts_iters_per_step`
+# are where a GPU run would start.

@@ -103,8 +103,8 @@ show_runs: bool = False  # list the recorded runs below the summary
 # | | (2) EnsAd beats the best single translation in every language | better FID in de and ru, worse in es | partly supported (2 of 3) |
 # | | (3) more translations help; attention vs mean pooling | FID 858 → 732 from 0 to 3 translations; mean pooling has better FID, attention better accuracy | supported / inconclusive |
 # | Video captioning ([05](05_vidcap_pseudolabels.ipynb)) | (1) pseudolabels pre-train better than ASR-like captions; (2) images + videos beat either alone | CIDEr: pseudolabels 2.22 vs ASR-like 0.96 (none 1.12); images + videos 2.65 vs images only 2.83 (1 seed) | (1) supported, (2) not supported |
-# | Causal world models ([06](06_causal_world_models.ipynb)) | (1) the causal world model beats the LLM-only reasoner | inference accuracy, world model vs LM: h=1 0.63 vs 0.30, h=8 0.30 vs 0.29; planning 0.20 vs 0.20 (h=2) | supported for inference, not for planning |
-# | | (2) the gap grows with the horizon | inference gap +0.33 (h=1) → +0.01 (h=8) | not supported |
+# | Causal world models ([06](06_causal_world_models.ipynb)) | (1) the causal world model beats the LLM-only reasoner | inference accuracy, world model vs LM (50 problems): h=1 0.61 vs 0.29, h=8 0.31 vs 0.29; planning success (20 goals per horizon) 0.05 vs 0.05 at h=2, 0 vs 0 at h=4 and 8 | supported for short-horizon inference; not for planning (neither planner works at this scale) |
+# | | (2) the gap grows with the horizon | inference gap +0.32 (h=1) → +0.01 (h=8) | not supported (it shrinks) |
 
 # %%
 #| hide
