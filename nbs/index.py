@@ -63,20 +63,23 @@ show_runs: bool = False  # list the recorded runs below the summary
 #
 # ## Topics
 #
-# | notebook | paper | module |
-# |---|---|---|
-# | [MoE core](01_moe.ipynb) | routers (top-k, Switch, DeepSeek fine-grained + shared, Sinkhorn), LBL and z-loss, grouped dispatch, telemetry, `MoeLM` | `moebook.moe` |
-# | [Training loop](01a_train.ipynb) | AdamW + accumulation, atomic checkpoints with exact resume, DDP via `torchrun` | `moebook.train` |
-# | [Learning-rate schedules](01b_schedules.ipynb) | warmup + cosine, re-warm/re-decay, infinite schedules (Ibrahim et al. 2024) | `moebook.schedules` |
-# | [Multi-domain corpus](02a_corpus.ipynb) | English / Python code / arithmetic / Unicode text from the Python install, byte-level BPE | `moebook.corpus` |
-# | [Global-batch load balancing](02_global_lbl.ipynb) | Qiu et al. 2025, "Demons in the Detail" (arXiv 2501.11873) | `moebook.global_lbl` |
-# | [Continual pre-training of MoEs](03_moe_cpt.ipynb) | Thérien et al. 2025, "How robust is your router?" (arXiv 2503.05029) | `moebook.cpt` |
-# | [Multilingual text-to-image (EnsAd)](04_mtti_ensad.ipynb) | Li et al., ACL 2023 (arXiv 2305.19216) | `moebook.mtti` |
-# | [Video captioning from pseudolabels](05_vidcap_pseudolabels.ipynb) | Lialin et al. 2023 (arXiv 2304.02080) | `moebook.vidcap` |
-# | [Causal world models](06_causal_world_models.ipynb) | Gkountouras et al., ICLR 2025 (arXiv 2410.19923) | `moebook.causal` |
-# | [Core utilities](00_core.ipynb) | seeds, metrics, progress bars, atomic files | `moebook.core` |
-# | [Experiment runner](90_runner.ipynb) | `moebook run` / `moebook runs` | `moebook.runner` |
-# | [Website builder](91_site.ipynb) | Quarto site or the nbconvert preview, README | `moebook.site` |
+# | notebook | paper | module | default run |
+# |---|---|---|---|
+# | [MoE core](01_moe.ipynb) | routers (top-k, Switch, DeepSeek fine-grained + shared, Sinkhorn), LBL and z-loss, grouped dispatch, telemetry, `MoeLM` | `moebook.moe` | 1 min |
+# | [Training loop](01a_train.ipynb) | AdamW + accumulation, atomic checkpoints with exact resume, DDP via `torchrun` | `moebook.train` | 1 min |
+# | [Learning-rate schedules](01b_schedules.ipynb) | warmup + cosine, re-warm/re-decay, infinite schedules (Ibrahim et al. 2024) | `moebook.schedules` | 10 s |
+# | [Multi-domain corpus](02a_corpus.ipynb) | English / Python code / arithmetic / Unicode text from the Python install, byte-level BPE | `moebook.corpus` | 20 s |
+# | [Global-batch load balancing](02_global_lbl.ipynb) | Qiu et al. 2025, "Demons in the Detail" (arXiv 2501.11873) | `moebook.global_lbl` | 3 min |
+# | [Continual pre-training of MoEs](03_moe_cpt.ipynb) | Thérien et al. 2025, "How robust is your router?" (arXiv 2503.05029) | `moebook.cpt` | 8 min |
+# | [Multilingual text-to-image (EnsAd)](04_mtti_ensad.ipynb) | Li et al., ACL 2023 (arXiv 2305.19216) | `moebook.mtti` | 3.5 min |
+# | [Video captioning from pseudolabels](05_vidcap_pseudolabels.ipynb) | Lialin et al. 2023 (arXiv 2304.02080) | `moebook.vidcap` | 5 min |
+# | [Causal world models](06_causal_world_models.ipynb) | Gkountouras et al., ICLR 2025 (arXiv 2410.19923) | `moebook.causal` | 6.5 min |
+# | [Core utilities](00_core.ipynb) | seeds, metrics, progress bars, atomic files | `moebook.core` | 10 s |
+# | [Experiment runner](90_runner.ipynb) | `moebook run` / `moebook runs` | `moebook.runner` | 10 s |
+# | [Website builder](91_site.ipynb) | Quarto site or the nbconvert preview, README | `moebook.site` | 15 s |
+#
+# *Default run*: wall time of `moebook run nbs/<notebook>.ipynb` at its default parameters on an idle 2-core CPU
+# (measured 2026-11-23; all of them, as `make run` executes them: about 30 minutes).
 #
 # Benchmarks live in `benchmarks/` (see its README for the commands and the recorded JSON results).
 
