@@ -1069,8 +1069,16 @@ plt.tight_layout(); plt.show()
 #
 # The table is computed by the cell below from this run's variables: the committed outputs are the default
 # setting, which takes about 5 minutes on an idle 2-core CPU. With one seed a verdict only says which way the
-# difference went; `moebook run nbs/05_vidcap_pseudolabels.ipynb -p n_seeds 3` reports means ± spread and
-# calls a claim supported only when the difference exceeds twice the spread.
+# difference went; with `n_seeds` ≥ 2 the cell reports means ± spread and calls a claim supported only when
+# the difference exceeds twice the spread.
+#
+# One seed is not enough here, and we measured how much it misleads: `moebook run
+# nbs/05_vidcap_pseudolabels.ipynb -p n_seeds 3` (17 minutes; its `metrics.json` is kept as
+# `data/results/vidcap_n_seeds3_metrics.json`) gave CIDEr pseudolabels 2.38 ± 0.31 vs ASR-like 1.27 ± 0.23
+# (supported), images + videos 2.72 ± 0.05 vs images only 2.04 ± 0.83 and videos only 2.38 ± 0.31
+# (+0.34 over the best single source: **inconclusive**, not "not supported" as seed 0 alone says), and
+# cross-attention adapters 2.72 ± 0.05 vs projected prefix 1.09 ± 0.12 (supported). Pre-training on images
+# alone is the unstable condition: CIDEr 2.83, 0.90 and 2.39 for seeds 0, 1, 2.
 
 # %%
 #| slow
