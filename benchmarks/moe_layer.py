@@ -1,8 +1,9 @@
 """Forward + backward time of one MoE layer vs a FLOP-matched dense SwiGLU MLP and transformers' OLMoE block.
 
-Command that produced benchmarks/results/moe_layer_cpu.json (from the repository root):
+Commands that produced the results in benchmarks/results/ (from the repository root):
 
-    python benchmarks/moe_layer.py --threads 2 --repeats 15 --warmup 3 --out benchmarks/results/moe_layer_cpu.json
+    python benchmarks/moe_layer.py --threads 2 --repeats 25 --warmup 3 --out benchmarks/results/moe_layer_cpu.json
+    python benchmarks/moe_layer.py --threads 1 --repeats 15 --warmup 3 --out benchmarks/results/moe_layer_cpu_1thread.json
 
 GPU shape (no GPU in the task that wrote this file; the flags are there for when one is available):
 
@@ -29,8 +30,12 @@ Variants (all with the same router weights, so they route identically):
   `config._experts_implementation` set to `"eager"` (a Python loop over the experts that were hit) and
   `"grouped_mm"` (sort + `torch._grouped_mm`; transformers' `@use_experts_implementation` decorator picks the
   forward from that config field at call time);
-- `experts_only`: just our grouped expert matmuls on pre-grouped rows (no router, no gather/scatter; a
-  `repeat_interleave` and a sum stand in for them): the floor any dispatch can reach with `torch._grouped_mm`.
+- `experts_only`: just our grouped experts (matmuls + SwiGLU) on pre-grouped rows (no router, no gather/scatter;
+  a `repeat_interleave` and a sum stand in for them);
+- `matmuls_dense`, `matmuls_grouped`: only the six matmuls of forward + backward (two forward, four backward)
+  on stand-in activations, at the dense MLP's shapes and as grouped expert matmuls: the compute floor of
+  `dense` and of any MoE layer built on `torch._grouped_mm`. The rest of each variant's time is element-wise
+  work, routing and data movement.
 """
 from __future__ import annotations
 import argparse, json, os, platform, statistics, sys, time
@@ -82,6 +87,49 @@ class ExpertsOnly(nn.Module):
         return y.view(x.shape[0], self.top_k, -1).sum(1)
 
 
+class _SixMatmuls(torch.autograd.Function):
+    """The six matmuls of a SwiGLU MLP's forward + backward on stand-in activations, nothing else.
+
+    Forward: `xs @ w1` (rows, 2f) and `h @ w2` (rows, d); backward: `dys @ w2^T`, `h^T @ dys`, `da @ w1^T`,
+    `xs^T @ da`. Grouped (`offs` given): the same per row-group with `torch._grouped_mm`. The output is `x`
+    itself, so the harness's `backward(dy)` reaches the backward matmuls with no element-wise work around them."""
+    @staticmethod
+    def forward(ctx, x, w1, w2, xs, h, da, dys, offs):
+        mm = torch.mm if offs is None else (lambda a, b: torch._grouped_mm(a, b, offs=offs))
+        mm(xs, w1); mm(h, w2)
+        ctx.save_for_backward(xs, w1, w2, h, da, dys); ctx.offs = offs
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        xs, w1, w2, h, da, dys = ctx.saved_tensors
+        if ctx.offs is None: mm, t = torch.mm, (lambda w: w.t())
+        else: mm, t = (lambda a, b: torch._grouped_mm(a, b, offs=ctx.offs)), (lambda w: w.transpose(-2, -1))
+        mm(dys, t(w2)); mm(da, t(w1))  # input-side gradients (dh, dx): computed, not needed by the harness
+        return dy, mm(xs.t(), da), mm(h.t(), dys), None, None, None, None, None
+
+
+class MatmulsOnly(nn.Module):
+    """Only the matmuls, no router, dispatch or element-wise work: the floor of a SwiGLU layer's fwd + bwd.
+
+    `grouped=False`: the dense FLOP-matched MLP's shapes, T rows of width k*f. `grouped=True`: the same FLOPs
+    as E experts of width f on k*T rows in equal groups (`torch._grouped_mm`)."""
+    def __init__(self, cfg: MoEConfig, n_tokens: int, grouped: bool):
+        super().__init__()
+        d, f, k, e = cfg.d_model, cfg.d_ff_expert, cfg.top_k, cfg.n_experts
+        rows, width = (n_tokens * k, f) if grouped else (n_tokens, k * f)
+        lead = (e,) if grouped else ()
+        self.w1 = nn.Parameter(torch.randn(*lead, d, 2 * width) * 0.02)
+        self.w2 = nn.Parameter(torch.randn(*lead, width, d) * 0.02)
+        for name, shape in (("xs", (rows, d)), ("h", (rows, width)), ("da", (rows, 2 * width)), ("dys", (rows, d))):
+            self.register_buffer(name, torch.randn(shape), persistent=False)
+        counts = torch.full((e,), rows // e); counts[: rows % e] += 1
+        self.register_buffer("offs", torch.cumsum(counts, 0).to(torch.int32) if grouped else None, persistent=False)
+
+    def forward(self, x):
+        return _SixMatmuls.apply(x, self.w1, self.w2, self.xs, self.h, self.da, self.dys, self.offs)
+
+
 def olmoe_block(layer: MoELayer, implementation: str) -> nn.Module:
     "transformers' OLMoE sparse block with the same weights as `layer` (OLMoE stores (E, out, in) weights)."
     from transformers import OlmoeConfig
@@ -123,6 +171,8 @@ def build_variants(args, dtype, device) -> dict[str, nn.Module]:
         "moebook_loop": Tokens2D(forced_loop),
         "naive_sort_grouped_mm": NaiveSortGroupedMM(layer),
         "experts_only": ExpertsOnly(layer, args.tokens),
+        "matmuls_dense": MatmulsOnly(cfg, args.tokens, grouped=False),
+        "matmuls_grouped": MatmulsOnly(cfg, args.tokens, grouped=True),
         "hf_eager": Tokens2D(olmoe_block(layer, "eager"), needs_3d=True),
         "hf_grouped_mm": Tokens2D(olmoe_block(layer, "grouped_mm"), needs_3d=True),
     }

@@ -352,6 +352,12 @@ test_close(grouped_mm(xs.double(), ws.double(), cnt, off), ref.double(), eps=1e-
 # expert's hidden width `f`, before the linear down projection: same result, fewer multiplications when
 # f < d) and scatter-adds the slots back with `index_add_`; the shared experts (if any) are added densely. It returns the output and a `MoEAux` record (router decisions + dispatch) from
 # which the losses and telemetry below are computed, so the layer itself has no notion of loss scope.
+#
+# How fast is it? `benchmarks/moe_layer.py` times forward + backward of one layer against a FLOP-matched dense
+# SwiGLU and `transformers`' OLMoE block in the same process (results and commands in `benchmarks/README.md`).
+# On the 2-core CPU (fp32, 4096 tokens, d 256, 16 experts, top-4) this layer takes 1.31x the dense MLP's time
+# and is 1.31x faster than `transformers`' best; its grouped matmuls alone are within 4 % of the dense ones, and
+# the rest of the gap is moving the `T·k` gathered rows in and out. No GPU timing has been taken yet.
 
 # %%
 #| export
