@@ -71,13 +71,19 @@ class NaiveSortGroupedMM(nn.Module):
         return torch.zeros_like(x).index_add_(0, tok, y)
 
 
+def equal_groups(rows: int, groups: int) -> torch.Tensor:
+    "Row counts of `groups` groups as equal as possible (the first `rows % groups` get one more)."
+    counts = torch.full((groups,), rows // groups); counts[: rows % groups] += 1
+    return counts
+
+
 class ExpertsOnly(nn.Module):
     "Only the grouped expert matmuls on tokens already sorted into equal groups: no router, no permutation."
     def __init__(self, layer: MoELayer, n_tokens: int):
         super().__init__()
         self.experts, c = layer.experts, layer.cfg
         rows = n_tokens * c.top_k
-        counts = torch.full((c.n_experts,), rows // c.n_experts); counts[: rows % c.n_experts] += 1
+        counts = equal_groups(rows, c.n_experts)
         self.register_buffer("counts", counts, persistent=False)
         self.register_buffer("offsets", torch.cumsum(counts, 0).to(torch.int32), persistent=False)
         self.top_k = c.top_k
@@ -123,8 +129,8 @@ class MatmulsOnly(nn.Module):
         self.w2 = nn.Parameter(torch.randn(*lead, width, d) * 0.02)
         for name, shape in (("xs", (rows, d)), ("h", (rows, width)), ("da", (rows, 2 * width)), ("dys", (rows, d))):
             self.register_buffer(name, torch.randn(shape), persistent=False)
-        counts = torch.full((e,), rows // e); counts[: rows % e] += 1
-        self.register_buffer("offs", torch.cumsum(counts, 0).to(torch.int32) if grouped else None, persistent=False)
+        offs = torch.cumsum(equal_groups(rows, e), 0).to(torch.int32) if grouped else None
+        self.register_buffer("offs", offs, persistent=False)
 
     def forward(self, x):
         return _SixMatmuls.apply(x, self.w1, self.w2, self.xs, self.h, self.da, self.dys, self.offs)
