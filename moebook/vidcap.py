@@ -29,15 +29,16 @@ hf_logging.set_verbosity_error()  # tiny configs trigger harmless "not initialis
 
 # %% auto #0
 __all__ = ['COLORS', 'SHAPES', 'DIRECTIONS', 'BACKGROUND', 'ASR_INTENT', 'ASR_CHATTER', 'ASR_MENTION', 'SPECIALS', 'PAD', 'BOS',
-           'EOS', 'MAX_LEN', 'COMPONENT_BATCH', 'COMPONENT_LR', 'CHECKPOINT_COMMAND', 'Obj', 'shape_mask',
-           'render_frame', 'simulate_clip', 'gold_caption', 'image_caption', 'asr_caption', 'simple_tokenize',
-           'grounding', 'WorldData', 'make_world_data', 'world_manifest', 'CaptionVocab', 'caption_scores',
-           'cider_per_item', 'majority_caption', 'random_captions', 'caption_diversity', 'matched_asr',
-           'prefix_lm_loss', 'prefix_lm_generate', 'check_frames', 'to_float', 'ImageCaptioner', 'GatedCrossAttention',
-           'GatedXAttnLayer', 'VideoCaptioner', 'make_text_lm', 'clip_bounds', 'centre_frame', 'pseudolabel_videos',
-           'Pool', 'train_captioner', 'caption_videos', 'component_config', 'heldout_images', 'lm_corpus',
-           'new_image_captioner', 'new_text_lm', 'train_components', 'save_components', 'load_components',
-           'score_image_captioner', 'make_checkpoints', 'weights_sha', 'train_and_score']
+           'EOS', 'MAX_LEN', 'COMPONENT_BATCH', 'COMPONENT_LR', 'CHECKPOINT_COMMAND', 'CONDITION_NAMES', 'Obj',
+           'shape_mask', 'render_frame', 'simulate_clip', 'gold_caption', 'image_caption', 'asr_caption',
+           'simple_tokenize', 'grounding', 'WorldData', 'make_world_data', 'world_manifest', 'CaptionVocab',
+           'caption_scores', 'cider_per_item', 'majority_caption', 'random_captions', 'caption_diversity',
+           'matched_asr', 'prefix_lm_loss', 'prefix_lm_generate', 'check_frames', 'to_float', 'ImageCaptioner',
+           'GatedCrossAttention', 'GatedXAttnLayer', 'VideoCaptioner', 'make_text_lm', 'clip_bounds', 'centre_frame',
+           'pseudolabel_videos', 'Pool', 'train_captioner', 'caption_videos', 'component_config', 'heldout_images',
+           'lm_corpus', 'new_image_captioner', 'new_text_lm', 'train_components', 'save_components', 'load_components',
+           'score_image_captioner', 'make_checkpoints', 'weights_sha', 'train_and_score', 'condition_pools',
+           'validation_pilot']
 
 # %% ../nbs/05_vidcap_pseudolabels.ipynb #d605e259
 COLORS = {"red": (0.95, 0.15, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.15, 0.35, 1.0),
@@ -738,7 +739,53 @@ def train_and_score(lm: OPTForCausalLM, # the frozen LM (copied, never modified)
     with torch.no_grad():
         for (_, p), v in zip(trainable, best["state"]): p.copy_(v)
     hyps = caption_videos(model, test[0], vocab)
-    gates = {"attn": [float(torch.tanh(a.attn_gate)) for a in model.adapters], "ffn": [float(torch.tanh(a.ffn_gate)) for a in model.adapters]}
+    gates = {k: [float(torch.tanh(getattr(a, f"{k}_gate").detach())) for a in model.adapters] for k in ("attn", "ffn")}
     return {"init_sha": init, "val_curve": curve, "best_step": best["step"], "val_cider": best["cider"],
             "test": caption_scores(test[1], hyps), "test_cider_items": cider_per_item(test[1], hyps).tolist(), "hyps": hyps,
             "gates": gates, "pretrain_loss": float(np.mean(pre[-20:])) if pre else None, "finetune_loss": float(np.mean(ft[-20:]))}
+
+# %% ../nbs/05_vidcap_pseudolabels.ipynb #9521cdff
+CONDITION_NAMES = ("none", "ASR-like captions", "matched ASR-like", "video pseudolabels", "images only", "images + videos",
+                   "images + videos (prefix)")
+
+def condition_pools(data: WorldData, vocab: CaptionVocab, pl_clips: torch.Tensor, pl_captions: list[str],
+                   ) -> dict[str, tuple[list[Pool], str]]: # condition -> (pre-training pools, adapter mode)
+    "Pre-training pools and adapter mode of every condition in `CONDITION_NAMES`."
+    asr = [a for aa in data.video_asr for a in aa]
+    enc = lambda texts: vocab.encode(texts, MAX_LEN)
+    images = Pool(data.images, enc(data.image_captions), repeat_frames=pl_clips.shape[1])
+    pl = Pool(pl_clips, enc(pl_captions))
+    return {"none": ([], "xattn"), "ASR-like captions": ([Pool(pl_clips, enc(asr))], "xattn"),
+            "matched ASR-like": ([Pool(pl_clips, enc(matched_asr(asr, pl_captions)))], "xattn"),
+            "video pseudolabels": ([pl], "xattn"), "images only": ([images], "xattn"),
+            "images + videos": ([images, pl], "xattn"), "images + videos (prefix)": ([images, pl], "prefix")}
+
+def validation_pilot(out: str | Path, # the record (JSON) to write
+                     conditions: list[str], seeds: list[int], workers: int = 2,
+                     n_gold_val: int = 100, **run_kw, # sizes passed to `train_and_score` (d_visual, steps, batch_size, ...)
+                    ) -> dict:
+    "Validation CIDEr of `conditions` x `seeds` at the default data and components (test clips never captioned)."
+    from moebook.evidence import paired_runs, provenance
+    import time
+    t0, cfg = time.time(), component_config()
+    data = make_world_data(cfg["seed"], cfg["n_images"], cfg["n_pretrain_videos"], 160, 1, cfg["clip_frames"], cfg["clips_per_video"],
+                           cfg["image_size"], n_gold_val)
+    vocab = CaptionVocab()
+    loaded = load_components(Path(__file__).resolve().parent.parent / "data" / "vidcap_checkpoints", vocab, cfg)
+    if loaded is None: raise FileNotFoundError("validation_pilot needs the committed checkpoints in data/vidcap_checkpoints")
+    lm, ic = loaded
+    pl_clips, pl_captions, _ = pseudolabel_videos(data.videos, ic, vocab, cfg["clip_frames"])
+    conds, gold = condition_pools(data, vocab, pl_clips, pl_captions), Pool(data.gold_train, vocab.encode(data.gold_train_captions, MAX_LEN))
+    val = (data.gold_val, data.gold_val_captions)
+    def one(v, s):
+        c0 = time.process_time()
+        r = train_and_score(lm, conds[v][0], gold, val, val, vocab, s, mode=conds[v][1], **run_kw)  # "test" = validation here
+        return {"val_cider": r["val_cider"], "val_curve": r["val_curve"], "distinct_captions": len(set(r["hyps"])), "cpu_s": time.process_time() - c0}
+    R = paired_runs(one, conditions, seeds, workers=workers)
+    call = f"validation_pilot({str(out)!r}, {list(conditions)!r}, {list(seeds)!r}, workers={workers}, n_gold_val={n_gold_val}, **{run_kw!r})"
+    rec = {"made_by": "moebook.vidcap", "call": call, **provenance(),
+           "run_kw": run_kw, "seeds": list(seeds), "n_gold_val": n_gold_val, "wall_s": time.time() - t0,
+           "val_cider": {v: [R[(v, s)]["val_cider"] for s in seeds] for v in conditions},
+           "runs": {f"{v}|{s}": R[(v, s)] for v in conditions for s in seeds}}
+    Path(out).write_text(json.dumps(rec, indent=1) + "\n")
+    return rec
