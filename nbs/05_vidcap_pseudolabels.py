@@ -1547,7 +1547,8 @@ if shrink_params == FULL_SIZE: shrink_ratio, shrink_src = 1.0, "this run is the 
 elif (root / FULL_SIZE_RECORD).exists():
     full = json.loads((root / FULL_SIZE_RECORD).read_text())
     if any(full["run_kw"].get(k) != v for k, v in FULL_SIZE.items()): raise ValueError(f"{FULL_SIZE_RECORD} was not made at {FULL_SIZE}")
-    shrink_ratio = pl_asr_val_gain(val_cider) / pl_asr_val_gain(full["val_cider"])
+    ref_gain = pl_asr_val_gain(full["val_cider"])
+    shrink_ratio = pl_asr_val_gain(val_cider) / ref_gain if ref_gain > 0 else float("nan")  # no full-size effect: nothing to survive
     shrink_src = f"{FULL_SIZE_RECORD}: {len(full['seeds'])} seeds, commit {full['commit'][:10]}, dirty {full['dirty']}"
 else: shrink_ratio, shrink_src = float("nan"), f"{FULL_SIZE_RECORD} is missing"
 print(f"pseudolabel - ASR validation gain here / at full size: {shrink_ratio:.3f} ({shrink_src})")
