@@ -1194,6 +1194,15 @@ test_eq(_a["val_cider"], max(c for _, c in _a["val_curve"]))
 
 # %%
 #| export
+_PILOT: dict = {}  # what `_pilot_one` needs; set before `paired_runs` forks its workers (a closure cannot be pickled)
+
+def _pilot_one(v: str, s: int) -> dict:
+    import time
+    P, c0 = _PILOT, time.process_time()
+    pools, mode = P["conds"][v]
+    r = train_and_score(P["lm"], pools, P["gold"], P["val"], P["val"], P["vocab"], s, mode=mode, **P["run_kw"])  # "test" = validation here
+    return {"val_cider": r["val_cider"], "val_curve": r["val_curve"], "distinct_captions": len(set(r["hyps"])), "cpu_s": time.process_time() - c0}
+
 CONDITION_NAMES = ("none", "ASR-like captions", "matched ASR-like", "video pseudolabels", "images only", "images + videos",
                    "images + videos (prefix)")
 
@@ -1224,13 +1233,9 @@ def validation_pilot(out: str | Path, # the record (JSON) to write
     if loaded is None: raise FileNotFoundError("validation_pilot needs the committed checkpoints in data/vidcap_checkpoints")
     lm, ic = loaded
     pl_clips, pl_captions, _ = pseudolabel_videos(data.videos, ic, vocab, cfg["clip_frames"])
-    conds, gold = condition_pools(data, vocab, pl_clips, pl_captions), Pool(data.gold_train, vocab.encode(data.gold_train_captions, MAX_LEN))
-    val = (data.gold_val, data.gold_val_captions)
-    def one(v, s):
-        c0 = time.process_time()
-        r = train_and_score(lm, conds[v][0], gold, val, val, vocab, s, mode=conds[v][1], **run_kw)  # "test" = validation here
-        return {"val_cider": r["val_cider"], "val_curve": r["val_curve"], "distinct_captions": len(set(r["hyps"])), "cpu_s": time.process_time() - c0}
-    R = paired_runs(one, conditions, seeds, workers=workers)
+    _PILOT.update(conds=condition_pools(data, vocab, pl_clips, pl_captions), lm=lm, vocab=vocab, run_kw=run_kw,
+                  gold=Pool(data.gold_train, vocab.encode(data.gold_train_captions, MAX_LEN)), val=(data.gold_val, data.gold_val_captions))
+    R = paired_runs(_pilot_one, conditions, seeds, workers=workers)
     call = f"validation_pilot({str(out)!r}, {list(conditions)!r}, {list(seeds)!r}, workers={workers}, n_gold_val={n_gold_val}, **{run_kw!r})"
     rec = {"made_by": "moebook.vidcap", "call": call, **provenance(),
            "run_kw": run_kw, "seeds": list(seeds), "n_gold_val": n_gold_val, "wall_s": time.time() - t0,
