@@ -519,6 +519,7 @@ test_close(cider_per_item(_refs, _half).mean(), caption_scores(_refs, _half)["CI
 assert caption_scores(_refs, _refs[1:] + _refs[:1])["CIDEr"] < 1.0, "shuffled captions score far below identical ones"
 test_fail(lambda: caption_scores(_refs, _refs[:2]), contains="one hypothesis per reference")
 
+
 # %% [markdown]
 # ### Baselines and diversity
 #
@@ -580,6 +581,7 @@ test_eq([len(simple_tokenize(x)) for x in _m], [len(simple_tokenize(x)) for x in
 assert len({w for x in _m for w in x.split()}) <= len({w for x in _pl for w in simple_tokenize(x)})
 test_eq(random_captions(["x", "y"], 3, np.random.default_rng(0)), random_captions(["x", "y"], 3, np.random.default_rng(0)))
 test_fail(lambda: matched_asr(_asr, _pl[:2]), contains="one pseudolabel per narration")
+
 
 # %% [markdown]
 # ## Models
@@ -984,7 +986,6 @@ test_eq(_seen, [1, 2, 3, 4])
 test_eq(len(caption_videos(_vc, _d1.gold_test, _vocab)), 2)
 test_fail(lambda: Pool(_d1.images, _vocab.encode(_d1.image_captions[:2], 12)), contains="as many captions")
 
-
 # %% [markdown]
 # ## The components trained before the treatment
 #
@@ -1116,6 +1117,7 @@ with tempfile.TemporaryDirectory() as _d:
     with open(Path(_d) / "lm.safetensors", "r+b") as _f: _f.seek(-4, 2); _f.write(b"\x00\x01\x02\x03")
     test_fail(lambda: load_components(_d, _vocab, _cfg), contains="SHA-256 differs")
 
+
 # %% [markdown]
 # ## One paired run
 #
@@ -1243,6 +1245,7 @@ def validation_pilot(out: str | Path, # the record (JSON) to write
            "runs": {f"{v}|{s}": R[(v, s)] for v in conditions for s in seeds}}
     Path(out).write_text(json.dumps(rec, indent=1) + "\n")
     return rec
+
 
 # %%
 test_eq(set(condition_pools(_d1, _vocab, _clips_, ["a red square"] * 6)), set(CONDITION_NAMES))
@@ -1387,6 +1390,7 @@ print("text diversity: " + ", ".join(f"{k} {caption_diversity(t)}" for k, t in (
 for e, p, a, m in list(zip(clip_events, pl_captions, clip_asr, asr_matched))[:4]:
     print(f"  true: {gold_caption(e):33s} | pseudolabel: {p:30s} | ASR-like: {a} | matched: {m}")
 
+
 # %% [markdown]
 # ### Trivial baselines
 #
@@ -1530,6 +1534,7 @@ for row in range(n_show):
     lines = [f"gold: {data.gold_test_captions[row]}"] + [f"{c}: {R[(c, run_seeds[0])]['hyps'][row]}" for c in show_conds]
     axes[row, 0].text(0, -0.15, "\n".join(lines), transform=axes[row, 0].transAxes, va="top", fontsize=7)
 plt.tight_layout(); plt.show()
+
 
 # %% [markdown]
 # ## Claim check
