@@ -81,7 +81,7 @@ def wilson_rate(successes: int, # number of successes
     return Estimate(successes / n, (float(ci.low), float(ci.high)), int(n), "wilson", float((Z_975 + Z_80) * math.sqrt(p * (1 - p) / n)))
 
 # %% ../nbs/00a_evidence.ipynb #660436bb
-MIN_N = {"paired t": 3, "paired bootstrap": 100, "wilson": 50}  # measured coverage in [0.93, 0.97] from here on
+MIN_N = {"paired t": 3, "paired bootstrap": 100, "wilson": 100}  # measured coverage in [0.93, 0.97] from here on
 
 def coverage(test: str, # "paired t", "paired bootstrap" or "wilson"
              n: int, # units per simulated experiment

@@ -145,13 +145,14 @@ test_eq(e.ci, (1.0, 1.0)); test_eq(e.effect, 1.0)
 # A 95 % interval must contain the true effect in 95 % of repeated experiments. We check it by simulation at
 # the sample sizes the notebooks use: the paired *t* interval is exact for normal differences at any `n`,
 # the BCa bootstrap under-covers with few units (0.90 at `n = 10`, 0.93 at `n = 30` and `50`, 0.95 from `n = 100`, 2,000 simulations), and the Wilson interval is checked
-# exactly (summing binomial probabilities, no simulation). `MIN_N` records the smallest `n` at which each
+# exactly (summing binomial probabilities, no simulation): its coverage oscillates with the true rate and
+# stays inside the band for every rate from 0.05 to 0.95 only from `n = 100` (at `n = 50` it reaches 0.9703). `MIN_N` records the smallest `n` at which each
 # test held its coverage in `[0.93, 0.97]` (`tests/test_evidence.py` re-checks it with 2,000 simulations);
 # `judge` refuses a record whose test is used below that `n`.
 
 # %%
 #| export
-MIN_N = {"paired t": 3, "paired bootstrap": 100, "wilson": 50}  # measured coverage in [0.93, 0.97] from here on
+MIN_N = {"paired t": 3, "paired bootstrap": 100, "wilson": 100}  # measured coverage in [0.93, 0.97] from here on
 
 def coverage(test: str, # "paired t", "paired bootstrap" or "wilson"
              n: int, # units per simulated experiment
@@ -179,7 +180,7 @@ def coverage(test: str, # "paired t", "paired bootstrap" or "wilson"
 t0 = time.time()
 cov = {("paired t", n): coverage("paired t", n, coverage_sims, seed) for n in (3, 4, 10)}
 cov |= {("paired bootstrap", n): coverage("paired bootstrap", n, coverage_sims, seed) for n in (10, 100)}
-cov |= {("wilson", n): coverage("wilson", n) for n in (50, 100, 200)}
+cov |= {("wilson", n): coverage("wilson", n) for n in (50, 100, 200)}  # at p = 0.3; tests/ scan p from 0.05 to 0.95
 for (t, n), c in cov.items(): print(f"{t:17s} n={n:4d}  coverage {c:.3f}")
 print(f"({coverage_sims} simulations each; {time.time() - t0:.0f} s)")
 assert all(0.9 <= c <= 0.985 for (t, n), c in cov.items() if n >= MIN_N[t]), cov  # loose here; tight in tests/
