@@ -214,3 +214,8 @@ def test_committed_paper_notebooks_embed_figures():
         cells = nbformat.read(ROOT / "nbs" / nb, as_version=4).cells
         n = sum("image/png" in o.get("data", {}) for c in cells if c.cell_type == "code" for o in c.outputs)
         assert n >= 2, f"{nb} embeds {n} figures (executed with MPLBACKEND=Agg? that silently drops them)"
+
+
+def test_readme_claim_table_is_generated_from_the_ledger():
+    readme = (ROOT / "README.md").read_text()
+    assert ev.readme_ledger(ROOT) in readme, "README.md's claim table differs from the committed notebooks' records: run `moebook readme`"
