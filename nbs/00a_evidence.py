@@ -46,11 +46,13 @@ from moebook.core import atomic_write_text, record_metrics, to_jsonable
 # %%
 import tempfile, time
 import matplotlib.pyplot as plt
+from IPython.display import Markdown, display
 from fastcore.test import test_eq, test_fail, test_close
 
 # %% tags=["parameters"]
 seed: int = 0  # seed of the examples and of the coverage simulations
 coverage_sims: int = 400  # simulations per coverage check in this notebook (the test suite uses 2,000)
+
 
 # %% [markdown]
 # ## Estimates
@@ -119,6 +121,7 @@ def wilson_rate(successes: int, # number of successes
     p = (successes + 2) / (n + 4)  # Agresti-Coull centre keeps the MDE positive at 0 or n successes
     return Estimate(successes / n, (float(ci.low), float(ci.high)), int(n), "wilson", float((Z_975 + Z_80) * math.sqrt(p * (1 - p) / n)))
 
+
 # %% [markdown]
 # The paired-t interval agrees with the textbook formula $\bar d \pm t_{0.975,n-1}\,s_d/\sqrt n$ computed
 # by hand here (an independent check of how we call scipy), and pairing matters: the same numbers treated
@@ -175,6 +178,7 @@ def coverage(test: str, # "paired t", "paired bootstrap" or "wilson"
         lo, hi = fn(treatment, control).ci
         hits += lo <= true <= hi
     return hits / sims
+
 
 # %%
 t0 = time.time()
@@ -255,6 +259,7 @@ class Claim:
         "This claim with `est` filled in."
         return dataclasses.replace(self, effect=est.effect, ci=tuple(est.ci), n=est.n, test=est.test, mde=est.mde)
 
+
 # %% [markdown]
 # ### The rule
 
@@ -304,6 +309,7 @@ def judge(c: Claim) -> Claim:
                "inconclusive": f"overlaps ±{size:g}"}[verdict]
     return dataclasses.replace(c, verdict=verdict, reason=f"{ci_txt} {why}")
 
+
 # %% [markdown]
 # The rule on constructed data: a known effect, a known null, an unmet precondition, an under-powered run,
 # and each kind of claim.
@@ -334,6 +340,7 @@ test_eq(judge(eq.with_estimate(paired_t(ctrl - 1.0 + rng.normal(0, 0.05, 10), ct
 test_fail(lambda: judge(dataclasses.replace(base, target=None).with_estimate(paired_t(ctrl + 1, ctrl))), contains="needs target")
 test_fail(lambda: judge(base.with_estimate(paired_bootstrap(ctrl + 1 + rng.normal(0, 0.1, 10), ctrl))), contains="not trusted at n=10:")
 test_fail(lambda: Precondition("x", 1.0, "=>", 2.0), contains="op must be one of")
+
 
 # %% [markdown]
 # ## Paired runs
@@ -388,6 +395,7 @@ def paired_runs(fn: Callable[[str, int], dict], # fn(variant, seed) -> JSON-able
             futs = {ex.submit(_call, fn, v, s, threads): (v, s, p) for v, s, p in todo}
             for f in cf.as_completed(futs): done(*futs[f], f.result())
     return {(v, s): out[(v, s)] for s in seeds for v in variants}
+
 
 # %%
 def _toy(variant: str, seed: int) -> dict:
@@ -468,6 +476,7 @@ def show_claims(claims: Sequence[Claim], # the notebook's claims, with estimates
     record_metrics(claims=records)
     return records
 
+
 # %% [markdown]
 # ### Reading records back
 #
@@ -536,6 +545,7 @@ def read_claims(path: str | Path) -> list[dict]:
     if not out: raise EvidenceError(f"{p}: none of its {len(runs)} runs holds claim records")
     return out
 
+
 # %% [markdown]
 # ## The command line and the README
 #
@@ -568,6 +578,7 @@ def readme_ledger(root: str | Path | None = None, # project root (default: this 
             raise EvidenceError(f"nbs/{r['notebook']}: claim {r['id']} comes from a {r['setting']} run with dirty={r['dirty']}; "
                                 "the README takes only default or evidence runs from a clean tree (commit, then execute)")
     return ledger_markdown(records, links=True)
+
 
 # %%
 demo = [to_jsonable(dataclasses.asdict(dataclasses.replace(strong, setting="default", dirty=False, commit="abc")))]
@@ -611,6 +622,7 @@ def forest_plot(records: Sequence[dict], # judged claim records (pending rows ar
     ax.invert_yaxis(); ax.set_xlabel("benefit in the paper's direction (each row scaled to its largest |value|; | = target or -margin)")
     return ax
 
+
 # %%
 recs = [to_jsonable(dataclasses.asdict(c)) for c in (strong, wrong_way, null, blocked)]
 forest_plot(recs); plt.tight_layout(); plt.show()
@@ -624,6 +636,5 @@ forest_plot(recs); plt.tight_layout(); plt.show()
 # %%
 root = _repo_root()
 ledger = [r for nb in PAPER_NOTEBOOKS for r in read_claims(root / "nbs" / nb)]
-from IPython.display import Markdown, display
 display(Markdown(ledger_markdown(ledger)))
 if any(r.get("status") != "pending" for r in ledger): forest_plot(ledger); plt.tight_layout(); plt.show()
