@@ -163,7 +163,7 @@ def run_notebook(notebook: str | Path, # the .ipynb to execute
     overrides = check_parameters(spec, params or {})
     effective = {**{k: p.default for k, p in spec.items()}, **overrides}
     started = dt.datetime.now()
-    base = Path(runs_dir) / notebook.stem
+    base = Path(runs_dir).resolve() / notebook.stem  # absolute: the kernel runs in the notebook's folder
     run_dir = base / run_id(effective, started)
     for k in itertools.count(2):
         if not run_dir.exists(): break
@@ -187,6 +187,8 @@ def run_notebook(notebook: str | Path, # the .ipynb to execute
     nb_metrics.unlink(missing_ok=True)
     record.update(status="failed" if error else "ok", error=error, wall_time_s=round(time.perf_counter() - t0, 3), metrics=metrics)
     atomic_write_text(run_dir / "metrics.json", json.dumps(to_jsonable(record), indent=2, sort_keys=True))
+    for f in (run_dir / "metrics.json", run_dir / notebook.name):  # readable records (mkstemp makes 0600)
+        if f.exists(): f.chmod(0o644)
     return run_dir
 
 # %% ../nbs/90_runner.ipynb #1c5c4b8e

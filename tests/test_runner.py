@@ -19,16 +19,37 @@ record_metrics(loss=loss.item(), label=label)
 """
 
 
-@pytest.fixture
-def toy(tmp_path):
+def write_toy(path):
     nb = nbformat.v4.new_notebook()
     p = nbformat.v4.new_code_cell("seed: int = 0\nsteps: int = 5\nlr: float = 0.1\nlabel = 'a'\nfast: bool = True")
     p.metadata["tags"] = ["parameters"]
     nb.cells = [p, nbformat.v4.new_code_cell(TOY)]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    path = tmp_path / "toy.ipynb"
+    path.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, path)
     return path
+
+
+@pytest.fixture
+def toy(tmp_path):
+    return write_toy(tmp_path / "toy.ipynb")
+
+
+def test_readme_style_run_records_metrics_under_relative_runs(tmp_path, monkeypatch):
+    "`moebook run nbs/x.ipynb` from the repo root with the default relative `runs/` (the README's command)."
+    monkeypatch.delenv("MOEBOOK_RUNS_DIR", raising=False)
+    repo = tmp_path / "repo"
+    write_toy(repo / "nbs" / "toy.ipynb")
+    r = moebook_cli("run", "nbs/toy.ipynb", "-p", "steps", "2", "--no-progress", cwd=repo)
+    assert r.returncode == 0, r.stderr + r.stdout
+    (run,) = (repo / "runs" / "toy").iterdir()
+    m = json.loads((run / "metrics.json").read_text())
+    assert set(m["metrics"]) == {"loss", "label"}, m["metrics"]  # the kernel (cwd nbs/) wrote where the runner reads
+    assert not (repo / "nbs" / "runs").exists()
+    for f in ("metrics.json", "toy.ipynb"):
+        assert (run / f).stat().st_mode & 0o777 == 0o644, f
+    listing = moebook_cli("runs", cwd=repo)
+    assert "loss=" in listing.stdout, listing.stdout
 
 
 @pytest.mark.parametrize("args, message", [
