@@ -237,6 +237,9 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--from-runs", default=None, metavar="RUNS_DIR", help="render the latest successful run of each notebook")
     w.add_argument("--no-quarto", action="store_true", help="build the static preview even if quarto is installed")
     sub.add_parser("readme", help="write README.md from nbs/index.ipynb")
+    c = sub.add_parser("claims", help="print the claim ledger of executed notebooks or recorded runs")
+    c.add_argument("paths", nargs="+", metavar="PATH", help="an executed .ipynb, a run folder, or a runs/ folder")
+    c.add_argument("--json", action="store_true", help="print the claim records as JSON instead of a markdown table")
     return p
 
 def _cmd_run(a) -> int:
@@ -272,6 +275,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.cmd == "readme":
             from moebook.site import write_readme
             print(f"wrote {write_readme()}"); return 0
+        if a.cmd == "claims":
+            from moebook.evidence import EvidenceError, claims_command  # imported here: only this command needs it
+            try: return claims_command(a.paths, a.json)
+            except EvidenceError as e: raise ParameterError(str(e)) from None  # same exit path: message, code 2
     except ParameterError as e:
         print(f"moebook: error: {e}", file=sys.stderr); return 2
     return 2

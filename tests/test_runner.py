@@ -119,3 +119,25 @@ def test_failing_notebook_is_recorded_as_failed(toy, tmp_path):
 def test_params_command_lists_typed_defaults():
     r = moebook_cli("params", NBS / "00_core.ipynb")
     assert r.returncode == 0 and "seed: int = 0" in r.stdout
+
+
+def test_claims_command_dispatch(monkeypatch, capsys):
+    "`moebook claims` hands its paths and --json to `moebook.evidence.claims_command`; its errors exit 2."
+    import sys, types
+    from moebook.runner import main
+    calls = []
+    fake = types.ModuleType("moebook.evidence")  # stands in for the module only to check the wiring
+
+    class EvidenceError(ValueError): pass
+
+    def claims_command(paths, as_json):
+        calls.append((paths, as_json))
+        if paths == ["bad"]: raise EvidenceError("bad: never executed")
+        return 0
+
+    fake.EvidenceError, fake.claims_command = EvidenceError, claims_command
+    monkeypatch.setitem(sys.modules, "moebook.evidence", fake)
+    assert main(["claims", "a.ipynb", "runs", "--json"]) == 0 and main(["claims", "x.ipynb"]) == 0
+    assert calls == [(["a.ipynb", "runs"], True), (["x.ipynb"], False)]
+    assert main(["claims", "bad"]) == 2
+    assert "moebook: error: bad: never executed" in capsys.readouterr().err
