@@ -56,8 +56,13 @@ def test_readme_style_run_records_metrics_under_relative_runs(tmp_path, monkeypa
     (["-p", "stepz", "3"], "unknown parameter 'stepz' (did you mean 'steps'?)"),
     (["-p", "steps", "3.5"], "parameter 'steps' expects int"),
     (["-p", "fast", "maybe"], "parameter 'fast' expects bool"),
-    (["-p", "lr", "1e-3,fast"], "parameter 'lr' expects float"),
+    (["-p", "lr", "1e-3,2e-3"], "parameter 'lr' expects float, got '1e-3,2e-3'; a sweep is written --sweep lr=1e-3,2e-3"),
+    (["--sweep", "lr=1e-3,fast"], "parameter 'lr' expects float, got 'fast'"),
+    (["--sweep", "stepz=1,2"], "unknown parameter 'stepz'"),
+    (["--sweep", "steps"], "--sweep expects NAME=V1,V2"),
+    (["--sweep", "seed=1,1"], "a value is listed twice"),
     (["-p", "steps", "1", "-p", "steps", "2"], "given twice"),
+    (["-p", "steps", "1", "--sweep", "steps=2,3"], "given twice"),
 ])
 def test_bad_parameters_exit_2_and_write_nothing(toy, tmp_path, args, message):
     r = moebook_cli("run", toy, *args, "--runs-dir", tmp_path / "runs")
@@ -100,12 +105,19 @@ def test_same_parameters_give_identical_metrics(toy, tmp_path):
 
 
 def test_sweep_is_a_cartesian_product_and_shards_split_it(toy, tmp_path):
-    r = moebook_cli("run", toy, "-p", "lr", "0.1,0.2", "-p", "label", r"x\,y,z", "--runs-dir", tmp_path / "runs",
+    r = moebook_cli("run", toy, "--sweep", "lr=0.1,0.2", "--sweep", r"label=x\,y,z", "--runs-dir", tmp_path / "runs",
                     "--shard", "1/2", "--no-progress")
     assert r.returncode == 0, r.stderr
     got = sorted((json.loads(p.read_text())["overrides"]["lr"], json.loads(p.read_text())["overrides"]["label"])
                  for p in (tmp_path / "runs" / "toy").glob("*/metrics.json"))
     assert got == [(0.1, "z"), (0.2, "z")]  # combos 1 and 3 of [(0.1,'x,y'), (0.1,'z'), (0.2,'x,y'), (0.2,'z')]
+
+
+def test_p_passes_a_comma_as_a_character(toy, tmp_path):
+    r = moebook_cli("run", toy, "-p", "label", "dense,switch_aux", "--runs-dir", tmp_path / "runs", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    (m,) = [json.loads(p.read_text()) for p in (tmp_path / "runs" / "toy").glob("*/metrics.json")]
+    assert m["overrides"] == {"label": "dense,switch_aux"} and m["metrics"]["label"] == "dense,switch_aux"
 
 
 def test_failing_notebook_is_recorded_as_failed(toy, tmp_path):
