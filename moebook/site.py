@@ -83,6 +83,7 @@ def process_notebooks(sources: list[Path], # notebooks to process
                 description = summary(nb)
                 FilterDefaults()(nb)
                 if description: _set_description(nb, description)
+                for c in nb.cells: c.pop("has_sd", None)  # nbdev's private mark, not nbformat: readers would log an error
                 write_nb(nb, dest / src.name)
                 out.append(dest / src.name)
     finally:

@@ -1,4 +1,6 @@
 "The website: the fallback preview is tested here; the Quarto render where quarto exists."
+import html
+import json
 import re
 import shutil
 from pathlib import Path
@@ -8,7 +10,7 @@ import nbformat
 import pytest
 
 from conftest import NBS, ROOT, notebooks
-from moebook.site import build_site, render_fallback, sidebar_entries
+from moebook.site import build_site, readme_text, render_fallback, sidebar_entries
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +62,46 @@ def test_fallback_embeds_a_figure(tmp_path):
     (page,) = render_fallback([tmp_path / "plot.ipynb"], ROOT / "_quarto.yml", tmp_path / "out")
     text = page.read_text()
     assert 'src="data:image/png;base64' in text and 'href="index.html"' in text and "<title>Plot page" in text
+
+
+def _text(page: Path) -> str:
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", "", page.read_text()))
+
+
+def test_pages_show_front_matter_as_title_not_text(fallback_site):
+    for nb in notebooks():
+        title = next(m[1].strip() for c in nbformat.read(nb, as_version=4).cells
+                     if c.cell_type == "markdown" and (m := re.search(r"^#\s+(.+)$", c.source, re.M)))
+        page = (fallback_site / f"{nb.stem}.html").read_text()
+        assert f'<h1 class="title">{html.escape(title)}</h1>' in page, f"{nb.name}: its title is not the page heading"
+        assert "output-file:" not in page, f"{nb.name}: front matter printed"
+
+
+def test_readme_links_work_from_the_repository_root():
+    links = re.findall(r"\]\(([^)\s]+)\)", readme_text(ROOT))
+    local = [l for l in links if not re.match(r"[a-z]+:|#", l)]
+    assert local, "the README links to the notebooks"
+    missing = [l for l in local if not (ROOT / l.split("#")[0]).exists()]
+    assert not missing, f"README links that do not resolve from the repository root: {missing}"
+
+
+def test_pages_built_from_runs_say_which_run_and_how_long(tmp_path):
+    runs = tmp_path / "runs"
+    for name, seconds, overrides in (("index.ipynb", 12.0, {}), ("00_core.ipynb", 210.0, {"seed": 1})):
+        run = runs / Path(name).stem / "20260101-000000-abc1234"
+        run.mkdir(parents=True)
+        shutil.copy2(NBS / name, run / name)
+        (run / "metrics.json").write_text(json.dumps({
+            "notebook": name, "run_id": run.name, "status": "ok", "started_at": "2026-01-01T00:00:00", "wall_time_s": seconds,
+            "overrides": overrides, "parameters": overrides, "metrics": {}, "git_commit": "0123456789abcdef", "git_dirty": False}))
+    site = build_site(out=tmp_path / "site", runs_dir=runs, use_quarto=False, notebooks=["index.ipynb", "00_core.ipynb"])
+    core, home = _text(site / "00_core.html"), _text(site / "index.html")
+    assert ("Outputs of moebook run 20260101-000000-abc1234 (parameters: seed=1): ok in 3.5 min, "
+            "started 2026-01-01 00:00:00, commit 0123456.") in core
+    assert "What make run produced" in home
+    assert "00_core 20260101-000000-abc1234 seed=1 ok 3.5 min" in home and "index 20260101-000000-abc1234 defaults ok 12 s" in home
+    assert "2 runs, 3.7 min of notebook execution in all." in home
+    assert "What make run produced" not in _text(build_site(out=tmp_path / "plain", use_quarto=False, notebooks=["index.ipynb"]) / "index.html")
 
 
 @pytest.mark.skipif(shutil.which("quarto") is None, reason="quarto is not installed on this machine")

@@ -94,7 +94,7 @@ PAGE_FACTS = """(async () => {
   if (window.MathJax && MathJax.Hub) await new Promise(done => MathJax.Hub.Queue(done));
   const all = sel => [...document.querySelectorAll(sel)];
   const texts = sel => all(sel).map(e => e.innerText);
-  const h1 = document.querySelector("h1.title") || document.querySelector("h1");
+  const h1 = document.querySelector("h1.title") || document.querySelector("main h1, .jp-Notebook h1");
   return {
     title: h1 ? h1.innerText.trim() : "", title_visible: !!h1 && h1.offsetHeight > 0 && h1.getBoundingClientRect().top < 400,
     doc_title: document.title, text: document.body.innerText,
@@ -127,7 +127,8 @@ def expected(nb_path: Path) -> dict:
     "What the page of `nb_path` must show, read independently from the source notebook."
     nb = nbformat.read(nb_path, as_version=4)
     md = "\n".join(_markdown_texts(nb))
-    return {"math": bool(MATH.search(md)), "table": bool(TABLE_RULE.search(md)),
+    title = next(m[1].strip() for c in nb.cells if c.cell_type == "markdown" and (m := re.search(r"^#\s+(.+)$", c.source, re.M)))
+    return {"title": title, "math": bool(MATH.search(md)), "table": bool(TABLE_RULE.search(md)),
             "images": sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)}
 
 
@@ -168,11 +169,12 @@ def test_sidebar_reaches_every_page_and_is_the_same_everywhere(site, pages):
 
 
 def test_every_page_has_a_visible_title_and_no_front_matter(pages):
-    for name, f in pages.items():
-        assert f["title"] and f["title_visible"], f"{name}: no visible title"
-        assert f["title"] in f["doc_title"], f"{name}: the browser tab says {f['doc_title']!r}"
-        raw = re.findall(r"^(?:title|description|output-file):\s.*$", f["text"], re.M)
-        assert not raw, f"{name}: front matter printed as text: {raw[:3]}"
+    for nb in notebooks():
+        f, title = pages[f"{nb.stem}.html"], expected(nb)["title"]  # the notebook's `# Title`
+        assert f["title"] == title and f["title_visible"], f"{nb.name}: its title {title!r} is not its visible heading ({f['title']!r})"
+        assert title in f["doc_title"], f"{nb.name}: the browser tab says {f['doc_title']!r}"
+        raw = re.findall(r"(?:^|---\s*)(?:title|description|output-file):\s.{0,60}", f["text"], re.M)
+        assert not raw, f"{nb.name}: front matter printed as text: {raw[:3]}"
 
 
 def test_no_cell_directives_shown(pages):
