@@ -83,7 +83,6 @@ if demo:
     test_eq(entries[0], {"href": "index.ipynb", "text": "Home", "section": None})
     assert all((root / "nbs" / e["href"]).exists() for e in entries), "every sidebar entry is a notebook in nbs/"
 
-
 # %% [markdown]
 # ## Processing notebooks with nbdev
 
@@ -296,6 +295,7 @@ if demo:
     assert not ends_with_silent_call("record_metrics(a=1)\nprint(2)")
     assert not ends_with_silent_call("%time record_metrics(a=1)")
 
+
 # %%
 #| export
 def _merged_streams(outputs: list) -> list:
@@ -366,7 +366,6 @@ if demo:
     test_eq([o.output_type for o in view.cells[4].outputs], ["stream"])
     test_eq([o.output_type for o in view.cells[5].outputs], ["execute_result"])
     test_eq(quarto_view(nbformat.v4.new_notebook(cells=[nbformat.v4.new_raw_cell("just text")]))[0], {})
-
 
 # %% [markdown]
 # ## The fallback preview
@@ -499,7 +498,6 @@ if demo:
         assert "<title>Demo – moebook</title>" in text and "title: Demo" not in text and "#|" not in text
         assert "10/10" not in text and "{'loss': 0.5}" not in text and "secret" not in text
         assert text.count("<table>") == 1 and f'src="{MATHJAX_URL}"' in text and (Path(d) / "out" / "mathjax" / "MathJax.js").exists()
-
 
 # %% [markdown]
 # ## The README
