@@ -242,6 +242,8 @@ body { margin: 0; background: #fff; }
 .mb-main .jp-OutputArea-output pre { font: 13px/1.45 SFMono-Regular, Menlo, Consolas, "DejaVu Sans Mono", monospace; }
 """
 
+_WRAP_CSS = ".jp-InputArea-editor pre { white-space: pre-wrap; overflow-wrap: anywhere; }"  # `code-overflow: wrap`
+
 def _title(nb: nbformat.NotebookNode, fallback: str) -> str:
     "A notebook's title: its front matter's, else its first `# heading`, else `fallback`."
     front, _ = quarto_view(nbformat.v4.new_notebook(cells=nb.cells[:1]))
@@ -271,8 +273,10 @@ def render_fallback(processed: list[Path], # processed notebooks
     mathjax = mathjax_dir()
     cfg = yaml.safe_load(quarto_yml.read_text())
     site_title = cfg.get("website", {}).get("title", "site")
-    css = (cfg.get("format", {}).get("html", {}) or {}).get("css")
-    css = [f for f in ([css] if isinstance(css, str) else css or []) if (quarto_yml.parent / f).exists()]  # as Quarto: beside the config
+    fmt = cfg.get("format", {}).get("html", {}) or {}
+    css = [fmt["css"]] if isinstance(fmt.get("css"), str) else fmt.get("css") or []
+    css = [f for f in css if (quarto_yml.parent / f).exists()]  # as Quarto: relative to the config
+    wrap = fmt.get("code-overflow") == "wrap"
     nbs = {p.name: nbformat.read(p, as_version=4) for p in processed}
     entries = [e for e in sidebar_entries(quarto_yml) if e["href"] in nbs]
     entries += [{"href": n, "text": None, "section": "Other"} for n in sorted(nbs) if n not in {e["href"] for e in entries}]
@@ -292,7 +296,7 @@ def render_fallback(processed: list[Path], # processed notebooks
             text = e["text"] or _title(nbs[e["href"]], e["href"])
             cls = ' class="active"' if e["href"] == name else ""
             nav.append(f'<a href="{_page_name(e["href"])}"{cls}>{html.escape(text)}</a>')
-        head = (f"<style>{_CSS}</style>" + "".join(f'<link rel="stylesheet" href="{html.escape(f)}">' for f in css)
+        head = (f"<style>{_CSS}{_WRAP_CSS if wrap else ''}</style>" + "".join(f'<link rel="stylesheet" href="{html.escape(f)}">' for f in css)
                 + _MATHJAX_FONTS + f"<title>{html.escape(_title(nb, name))} – {html.escape(site_title)}</title>")
         body = re.sub(r"<title>.*?</title>", "", body, count=1, flags=re.S).replace("</head>", head + "</head>", 1)
         body = re.sub(r"(<body[^>]*>)", lambda m: m[1] + '<nav class="mb-side">' + "\n".join(nav) + '</nav><div class="mb-main">'
