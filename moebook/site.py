@@ -6,15 +6,16 @@
 from __future__ import annotations
 import ast, contextlib, copy, html, json, os, posixpath, re, shutil, subprocess
 from pathlib import Path
+from typing import Iterable
 
 import nbformat
 import yaml
 
 # %% auto #0
-__all__ = ['FRONT_MATTER', 'SILENT_CALLS', 'FALLBACK_BANNER', 'MATHJAX_URL', 'README_HEADER', 'project_root', 'sidebar_entries',
-           'latest_runs', 'summary', 'process_notebooks', 'run_record', 'duration', 'run_note', 'runs_table',
-           'add_run_notes', 'cell_options', 'ends_with_silent_call', 'quarto_view', 'mathjax_dir', 'render_fallback',
-           'links_from_root', 'readme_text', 'write_readme', 'build_site']
+__all__ = ['FRONT_MATTER', 'SILENT_CALLS', 'FALLBACK_BANNER', 'MATHJAX_URL', 'README_HEADER', 'LEDGER_MARKER', 'project_root',
+           'sidebar_entries', 'default_runs', 'summary', 'process_notebooks', 'run_record', 'duration', 'run_note',
+           'runs_table', 'add_run_notes', 'cell_options', 'ends_with_silent_call', 'quarto_view', 'mathjax_dir',
+           'render_fallback', 'links_from_root', 'fill_ledger', 'readme_text', 'write_readme', 'build_site']
 
 # %% ../nbs/91_site.ipynb #6dbe19bb
 def project_root(start: str | Path | None = None) -> Path:
@@ -38,14 +39,16 @@ def sidebar_entries(quarto_yml: str | Path) -> list[dict]:
     walk(side.get("contents"), None)
     return out
 
-def latest_runs(runs_dir: str | Path) -> dict[str, Path]:
-    "Notebook file name -> executed notebook of its most recent successful run under `runs_dir`."
-    best = {}
-    for f in sorted(Path(runs_dir).glob("*/*/metrics.json")):
-        m = json.loads(f.read_text())
-        nb = f.parent / m["notebook"]
-        if m.get("status") == "ok" and nb.exists(): best[m["notebook"]] = (m["started_at"], nb)
-    return {k: v[1] for k, v in best.items()}
+def default_runs(runs_dir: str | Path, # where `moebook run` recorded its runs
+                 notebooks: Iterable[Path], # the source notebooks, whose parameters cells give the defaults
+                ) -> dict[str, Path]: # notebook file name -> executed notebook of its latest default run
+    "The executed notebook of each notebook's latest `ok` run at its default parameters (never a smoke run)."
+    from moebook.runner import default_run
+    out = {}
+    for nb in notebooks:
+        run = default_run(runs_dir, nb)
+        if run is not None and (run / nb.name).exists(): out[nb.name] = run / nb.name
+    return out
 
 # %% ../nbs/91_site.ipynb #986ddc64
 FRONT_MATTER = re.compile(r"\s*---[ \t]*\n(.*?)\n---\s*$", re.S)  # a raw cell holding YAML front matter
@@ -329,10 +332,18 @@ def links_from_root(markdown: str, folder: str = "nbs") -> str:
         return f"{m[1]}({posixpath.normpath(posixpath.join(folder, target))}{m[3] or ''})"
     return re.sub(r"(!?\[[^\]]*\])\(([^)\s]+)(\s+\"[^\"]*\")?\)", fix, markdown)
 
+LEDGER_MARKER = "<!-- claim-ledger -->"
+
+def fill_ledger(markdown: str, root: Path) -> str:
+    "Replace the claim-ledger marker with the ledger of the committed paper notebooks (`moebook.evidence`)."
+    if LEDGER_MARKER not in markdown: return markdown
+    from moebook.evidence import readme_ledger
+    return markdown.replace(LEDGER_MARKER, readme_ledger(root))
+
 def readme_text(root: str | Path | None = None) -> str:
-    "The README markdown rendered from `nbs/index.ipynb`."
+    "The README markdown rendered from `nbs/index.ipynb`, with the claim ledger filled in."
     root = project_root(root)
-    body = links_from_root(_index_markdown(root))
+    body = links_from_root(fill_ledger(_index_markdown(root), root))
     return README_HEADER + body
 
 def write_readme(root: str | Path | None = None) -> Path:
@@ -359,13 +370,18 @@ def build_site(out: str | Path = "_site", # output folder, relative to the proje
         if missing: raise FileNotFoundError(f"not in nbs/: {', '.join(missing)}")
         sources = {k: sources[k] for k in notebooks}
     if runs_dir is not None:
-        runs = latest_runs(root / runs_dir)
-        sources.update({k: v for k, v in runs.items() if k in sources})
+        sources.update(default_runs(root / runs_dir, list(sources.values())))
     records = {k: rec for k, p in sources.items() if (rec := run_record(p))}
     proc = root / "_proc"
     shutil.rmtree(proc, ignore_errors=True)
     processed = process_notebooks(list(sources.values()), proc, root)
     add_run_notes(processed, records)
+    for p in processed:
+        if p.name != "index.ipynb": continue
+        nb = nbformat.read(p, as_version=4)
+        for c in nb.cells:
+            if c.cell_type == "markdown": c.source = fill_ledger(c.source, root)
+        nbformat.write(nb, p)
     shutil.copy2(root / "_quarto.yml", proc / "_quarto.yml")
     for extra in ("styles.css",):
         if (root / "nbs" / extra).exists(): shutil.copy2(root / "nbs" / extra, proc / extra)

@@ -108,3 +108,22 @@ def test_pages_built_from_runs_say_which_run_and_how_long(tmp_path):
 def test_quarto_render(tmp_path):
     site = build_site(out=tmp_path / "site", use_quarto=True)
     assert {p.stem for p in site.glob("*.html")} >= {nb.stem for nb in notebooks()}
+
+
+def test_from_runs_picks_the_default_run_never_a_later_smoke_run(tmp_path):
+    from moebook.site import default_runs
+    nb = ROOT / "nbs" / "00_core.ipynb"
+    for stamp, params in (("20260101-000000-aaaaaaa", {"seed": 0}), ("20260102-000000-bbbbbbb", {"seed": 5})):
+        run = tmp_path / "00_core" / stamp; run.mkdir(parents=True)
+        (run / "00_core.ipynb").write_text(nb.read_text())
+        (run / "metrics.json").write_text(json.dumps({"notebook": "00_core.ipynb", "run_id": stamp, "status": "ok",
+                                                      "started_at": stamp, "parameters": params, "overrides": {}}))
+    assert default_runs(tmp_path, [nb]) == {"00_core.ipynb": tmp_path / "00_core" / "20260101-000000-aaaaaaa" / "00_core.ipynb"}
+
+
+def test_site_index_and_readme_carry_the_claim_ledger():
+    from moebook.evidence import readme_ledger
+    from moebook.site import fill_ledger, LEDGER_MARKER
+    assert LEDGER_MARKER in (ROOT / "nbs" / "index.ipynb").read_text()
+    filled = fill_ledger(f"before\n\n{LEDGER_MARKER}\n\nafter", ROOT)
+    assert readme_ledger(ROOT) in filled and LEDGER_MARKER not in filled
