@@ -849,6 +849,7 @@ if ddp:
 
 # %%
 #| slow
+#| output: asis
 ppl, mi, peak = by_variant("avg_ppl"), by_variant("mutual_info"), by_variant("peak_over_uniform")
 def verdict(diffs: np.ndarray, noise: float, paper_direction: bool = True) -> str:
     "supported / not supported / inconclusive for per-seed differences (positive = the paper's direction)."
