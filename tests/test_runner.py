@@ -1,10 +1,11 @@
 "`moebook run` / `moebook runs`: parameter checking, recording, sweeps, determinism."
-import json
+import json, os, signal, subprocess, time
+from pathlib import Path
 
 import nbformat
 import pytest
 
-from conftest import NBS, moebook_cli
+from conftest import BIN, NBS, moebook_cli
 
 TOY = """\
 import torch
@@ -153,3 +154,84 @@ def test_claims_command_dispatch(monkeypatch, capsys):
     assert calls == [(["a.ipynb", "runs"], True), (["x.ipynb"], False)]
     assert main(["claims", "bad"]) == 2
     assert "moebook: error: bad: never executed" in capsys.readouterr().err
+
+
+def git(repo, *args):
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True, capture_output=True)
+
+
+def test_sweep_resumes_at_the_same_commit_and_force_reruns(tmp_path, monkeypatch):
+    from moebook.runner import default_run, list_runs
+    monkeypatch.delenv("MOEBOOK_RUNS_DIR", raising=False)
+    repo = tmp_path / "repo"
+    nb = write_toy(repo / "nbs" / "toy.ipynb")
+    git(repo, "init", "-q"); git(repo, "add", "nbs"); git(repo, "commit", "-qm", "toy")
+    seeds = lambda: sorted(r["parameters"]["seed"] for r in list_runs(repo / "runs"))
+    run = lambda *a: moebook_cli("run", "nbs/toy.ipynb", "--no-progress", *a, cwd=repo)
+    assert run("--sweep", "seed=0,1").returncode == 0 and seeds() == [0, 1]
+    r = run("--sweep", "seed=0,1,2")  # a sweep stopped after two combinations, run again with one more
+    assert r.returncode == 0 and seeds() == [0, 1, 2], r.stdout
+    assert r.stdout.count("skipped, recorded ok at this commit") == 2
+    assert run("-p", "seed", "1", "--force").returncode == 0 and seeds() == [0, 1, 1, 2]
+    git(repo, "commit", "-qm", "next", "--allow-empty")  # another commit: nothing recorded for it yet
+    assert run("-p", "seed", "2").returncode == 0 and seeds() == [0, 1, 1, 2, 2]
+    nb.write_text(nb.read_text().replace("steps: int = 5", "steps: int = 6"))  # uncommitted change: never skipped
+    assert run("-p", "steps", "5", "-p", "seed", "2").returncode == 0 and seeds() == [0, 1, 1, 2, 2, 2]
+    # the run made with the notebook's defaults (seed 0, steps 6 now): none yet; at steps 5 it was the first
+    assert default_run(repo / "runs", nb) is None
+    git(repo, "checkout", "nbs/toy.ipynb")
+    assert default_run(repo / "runs", nb) == Path(list_runs(repo / "runs")[0]["path"])
+
+
+def alive(pid):
+    "Running (not a zombie)."
+    try: state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError): return False
+    return state not in ("Z", "X")
+
+
+def sleeper_notebook(path):
+    "A notebook whose kernel leaves a worker process (`sleep`), records one metric, then waits `wait` seconds."
+    nb = nbformat.v4.new_notebook()
+    p = nbformat.v4.new_code_cell("wait: float = 0.0\npidfile: str = ''")
+    p.metadata["tags"] = ["parameters"]
+    nb.cells = [p, nbformat.v4.new_code_cell(
+        "import os, subprocess, time\nfrom pathlib import Path\nfrom moebook.core import record_metrics\n"
+        # an orphaned worker (its parent shell exits): ipykernel's own shutdown does not see it
+        "worker = subprocess.run(['sh', '-c', 'sleep 300 >/dev/null 2>&1 & echo $!'], capture_output=True, text=True)\n"
+        "record_metrics(started=1)\nPath(pidfile).write_text(f'{os.getpid()} {worker.stdout.strip()}')\ntime.sleep(wait)")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+    return path
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+@pytest.mark.parametrize("sig", [None, signal.SIGTERM, signal.SIGINT])
+def test_kernel_and_workers_end_with_the_run_and_interrupts_are_recorded(tmp_path, sig):
+    nb, pidfile = sleeper_notebook(tmp_path / "sleeper.ipynb"), tmp_path / "pids"
+    cmd = [BIN / "moebook", "run", nb, "-p", "wait", "0" if sig is None else "300", "-p", "pidfile", pidfile,
+           "--runs-dir", tmp_path / "runs", "--no-progress"]
+    proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
+    pids = []
+    try:
+        deadline = time.monotonic() + 300
+        while not (pidfile.exists() and pidfile.read_text()) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        pids = [int(x) for x in pidfile.read_text().split()]  # the kernel and its worker
+        if sig is not None:
+            time.sleep(0.5); proc.send_signal(sig)
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == (0 if sig is None else 128 + sig), err
+        (m,) = [json.loads(p.read_text()) for p in (tmp_path / "runs" / "sleeper").glob("*/metrics.json")]
+        assert m["status"] == ("ok" if sig is None else "interrupted"), m
+        assert m["metrics"] == {"started": 1}  # what was recorded before the interrupt is kept
+        if sig is not None:
+            assert m["error"] == f"{signal.Signals(sig).name} received"
+            assert "interrupted" in moebook_cli("runs", "--runs-dir", tmp_path / "runs").stdout
+        assert not [pid for pid in pids if alive(pid)], "the kernel and its worker must end with the run"
+    finally:
+        if proc.poll() is None: proc.kill()
+        for pid in pids:
+            try: os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError: pass
