@@ -206,7 +206,7 @@ def sleeper_notebook(path):
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
-@pytest.mark.parametrize("sig", [None, signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [None, signal.SIGTERM, signal.SIGINT], ids=["finished", "SIGTERM", "SIGINT"])
 def test_kernel_and_workers_end_with_the_run_and_interrupts_are_recorded(tmp_path, sig):
     nb, pidfile = sleeper_notebook(tmp_path / "sleeper.ipynb"), tmp_path / "pids"
     cmd = [BIN / "moebook", "run", nb, "-p", "wait", "0" if sig is None else "300", "-p", "pidfile", pidfile,
