@@ -235,3 +235,30 @@ def test_kernel_and_workers_end_with_the_run_and_interrupts_are_recorded(tmp_pat
         for pid in pids:
             try: os.kill(pid, signal.SIGKILL)
             except ProcessLookupError: pass
+
+
+def test_every_notebook_names_its_kernel_and_language():
+    "Plain papermill needs both (`ValueError: No language found in notebook` otherwise)."
+    for f in sorted(NBS.glob("*.ipynb")):
+        md = json.loads(f.read_text())["metadata"]
+        assert md.get("kernelspec", {}).get("name") == "python3", f.name
+        assert md.get("language_info", {}).get("name") == "python", f.name
+
+
+def test_nbdev_clean_keeps_kernel_and_language(project_copy):
+    f = project_copy / "nbs" / "00_core.ipynb"
+    r = subprocess.run([str(BIN / "nbdev_clean"), "--fname", str(f)], cwd=project_copy, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    md = json.loads(f.read_text())["metadata"]
+    assert md["kernelspec"]["name"] == "python3" and md["language_info"]["name"] == "python"
+
+
+def test_plain_papermill_runs_a_committed_notebook(tmp_path):
+    "`papermill nbs/X.ipynb out.ipynb -p NAME VALUE`, no -k / --language, as a papermill user types it."
+    out = tmp_path / "out.ipynb"
+    r = subprocess.run([str(BIN / "papermill"), "nbs/00_core.ipynb", str(out), "-p", "seed", "1", "--cwd", "nbs"],
+                       cwd=NBS.parent, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    nb = json.loads(out.read_text())
+    injected = [c for c in nb["cells"] if "injected-parameters" in c["metadata"].get("tags", [])]
+    assert injected and "seed = 1" in "".join(injected[0]["source"])
