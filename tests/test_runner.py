@@ -256,9 +256,27 @@ def test_nbdev_clean_keeps_kernel_and_language(project_copy):
 def test_plain_papermill_runs_a_committed_notebook(tmp_path):
     "`papermill nbs/X.ipynb out.ipynb -p NAME VALUE`, no -k / --language, as a papermill user types it."
     out = tmp_path / "out.ipynb"
-    r = subprocess.run([str(BIN / "papermill"), "nbs/00_core.ipynb", str(out), "-p", "seed", "1", "--cwd", "nbs"],
+    r = subprocess.run([str(BIN / "papermill"), "nbs/00_core.ipynb", str(out), "-p", "seed", "1"],
                        cwd=NBS.parent, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     nb = json.loads(out.read_text())
     injected = [c for c in nb["cells"] if "injected-parameters" in c["metadata"].get("tags", [])]
     assert injected and "seed = 1" in "".join(injected[0]["source"])
+
+
+@pytest.mark.parametrize("flag", [[], ["--notebook-progress"]], ids=["default", "notebook-progress"])
+def test_progress_bars_stay_out_of_recorded_notebooks(tmp_path, monkeypatch, flag):
+    monkeypatch.delenv("MOEBOOK_QUIET", raising=False)  # the test suite sets it; a user usually does not
+    nb = nbformat.v4.new_notebook()
+    p = nbformat.v4.new_code_cell("n: int = 50")
+    p.metadata["tags"] = ["parameters"]
+    nb.cells = [p, nbformat.v4.new_code_cell("from moebook.core import progress\nfor _ in progress(range(n)): pass"),
+                nbformat.v4.new_code_cell("from tqdm.auto import tqdm\nfor _ in tqdm(range(n)): pass")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "bars.ipynb")
+    r = moebook_cli("run", tmp_path / "bars.ipynb", "--runs-dir", tmp_path / "runs", "--no-progress", *flag)
+    assert r.returncode == 0, r.stderr
+    (run,) = (tmp_path / "runs" / "bars").iterdir()
+    cells = json.loads((run / "bars.ipynb").read_text())["cells"][1:]
+    bars = [any(o.get("name") == "stderr" and "50/50" in "".join(o["text"]) for o in c["outputs"]) for c in cells]
+    assert bars == ([True, True] if flag else [False, False])
