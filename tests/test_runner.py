@@ -280,3 +280,26 @@ def test_progress_bars_stay_out_of_recorded_notebooks(tmp_path, monkeypatch, fla
     cells = json.loads((run / "bars.ipynb").read_text())["cells"][1:]
     bars = [any(o.get("name") == "stderr" and "50/50" in "".join(o["text"]) for o in c["outputs"]) for c in cells]
     assert bars == ([True, True] if flag else [False, False])
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["success", "failure"])
+def test_global_lbl_ddp_removes_its_temporary_folder(tmp_path, monkeypatch, fail):
+    "`run_ddp` without `out_dir` leaves no `glbl-ddp-*` folder behind (torchrun replaced by a stand-in writer)."
+    import tempfile
+    import moebook.global_lbl as g
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    def fake_torchrun(argv, nproc, env, timeout):
+        out = Path(argv[argv.index("--out") + 1])
+        assert out.name.startswith("glbl-ddp-") and out.parent == tmp_path
+        if fail: raise RuntimeError("torchrun failed")
+        for s in argv[argv.index("--seeds") + 1].split(","):
+            g.save_checkpoint({"seed": int(s)}, out / f"global_dp-seed{s}.pt")
+
+    monkeypatch.setattr(g, "run_torchrun", fake_torchrun)
+    cfg = g.ExperimentConfig(n_micro=2)
+    if fail:
+        with pytest.raises(RuntimeError, match="torchrun failed"): g.run_ddp(cfg, [0, 1], variants=("global_dp",))
+    else:
+        assert g.run_ddp(cfg, [0, 1], variants=("global_dp",)) == {("global_dp", 0): {"seed": 0}, ("global_dp", 1): {"seed": 1}}
+    assert not list(tmp_path.glob("glbl-ddp-*"))
