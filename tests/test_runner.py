@@ -303,3 +303,39 @@ def test_global_lbl_ddp_removes_its_temporary_folder(tmp_path, monkeypatch, fail
     else:
         assert g.run_ddp(cfg, [0, 1], variants=("global_dp",)) == {("global_dp", 0): {"seed": 0}, ("global_dp", 1): {"seed": 1}}
     assert not list(tmp_path.glob("glbl-ddp-*"))
+
+
+CLAIM_CELL = """\
+import dataclasses
+from moebook.core import record_metrics
+from moebook.evidence import Claim, judge, paired_t
+ctrl = [0.0, 1.0, 2.0, 3.0]
+claim = Claim(notebook="toy.ipynb", id="1", claim="B beats A", metric="score", direction="increase",
+              treatment="B", control="A", target=0.2)
+claim = judge(claim.with_estimate(paired_t([x + 1 + 0.01 * i for i, x in enumerate(ctrl)], ctrl)))
+record_metrics(claims=[dataclasses.asdict(claim)])
+"""
+
+
+def test_claims_command_reads_the_claims_a_run_recorded(tmp_path, monkeypatch):
+    "`moebook run` (README style) then `moebook claims runs --json`: the records the notebook made reach the ledger."
+    monkeypatch.delenv("MOEBOOK_RUNS_DIR", raising=False)
+    repo = tmp_path / "repo"
+    nb = write_toy(repo / "nbs" / "toy.ipynb")
+    book = nbformat.read(nb, as_version=4)
+    book.cells.append(nbformat.v4.new_code_cell(CLAIM_CELL))
+    nbformat.write(book, nb)
+    assert moebook_cli("run", "nbs/toy.ipynb", "--no-progress", cwd=repo).returncode == 0
+    r = moebook_cli("claims", "runs", "--json", cwd=repo)
+    assert r.returncode == 0, r.stderr
+    (rec,) = json.loads(r.stdout)
+    assert (rec["notebook"], rec["id"], rec["verdict"]) == ("toy.ipynb", "1", "supported")
+    assert abs(rec["effect"] - 1.015) < 1e-9  # mean paired difference of the cell's numbers
+    table = moebook_cli("claims", "runs", cwd=repo)
+    assert table.returncode == 0 and "B beats A" in table.stdout
+    (run,) = (repo / "runs" / "toy").iterdir()
+    m = json.loads((run / "metrics.json").read_text())
+    m["metrics"].pop("claims")
+    (run / "metrics.json").write_text(json.dumps(m))
+    bad = moebook_cli("claims", run, cwd=repo)
+    assert bad.returncode == 2 and bad.stderr.startswith("moebook: error: ") and str(run) in bad.stderr
