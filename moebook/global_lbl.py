@@ -317,7 +317,7 @@ def ddp_main(argv: list[str] | None = None) -> None:
 def run_ddp(cfg: ExperimentConfig, # the experiment (its seed is replaced by each of `seeds`)
             seeds: list[int], # one run of every variant per seed
             variants: tuple[str, ...] = DP_VARIANTS, # data-parallel variants to run, in this order
-            out_dir: str | Path | None = None, # where rank 0 writes the results (default: a temporary folder)
+            out_dir: str | Path | None = None, # where rank 0 writes the results (default: a temporary folder, removed after)
             nproc: int = 2, # data-parallel ranks
             ckpt_root: str | None = None, # checkpoint root (one folder per variant and seed)
             cache_dir: str | None = None, # corpus cache
@@ -327,6 +327,7 @@ def run_ddp(cfg: ExperimentConfig, # the experiment (its seed is replaced by eac
     for v in variants:
         if v not in DP_VARIANTS: raise ValueError(f"{v!r} is not a data-parallel variant; those are {DP_VARIANTS}")
     if cfg.n_micro % nproc: raise ValueError(f"n_micro={cfg.n_micro} must be a multiple of nproc={nproc}")
+    import shutil
     out = Path(out_dir or tempfile.mkdtemp(prefix="glbl-ddp-"))
     root = str(Path(moebook.__file__).resolve().parents[1])  # make the workers import this very package
     env = {"OMP_NUM_THREADS": "1", "MOEBOOK_QUIET": "1",
@@ -336,8 +337,11 @@ def run_ddp(cfg: ExperimentConfig, # the experiment (its seed is replaced by eac
             "--variants", ",".join(variants), "--out", str(out)]
     if ckpt_root: argv += ["--ckpt-root", str(ckpt_root)]
     if cache_dir: argv += ["--cache-dir", str(cache_dir)]
-    run_torchrun(argv, nproc=nproc, env=env, timeout=timeout)
-    return {(v, s): load_checkpoint(out / f"{v}-seed{s}.pt") for s in seeds for v in variants}
+    try:
+        run_torchrun(argv, nproc=nproc, env=env, timeout=timeout)
+        return {(v, s): load_checkpoint(out / f"{v}-seed{s}.pt") for s in seeds for v in variants}
+    finally:
+        if out_dir is None: shutil.rmtree(out, ignore_errors=True)  # our temporary folder: gone on success and failure
 
 # %% ../nbs/02_global_lbl.ipynb #a19fdf85
 def _run_in_worker(args: tuple) -> dict:

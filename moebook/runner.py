@@ -209,6 +209,8 @@ def _kernel_manager_class(env: dict[str, str], pgids: list[int]):
     class RunKernelManager(AsyncKernelManager):
         async def start_kernel(self, **kw):
             kw["env"] = {**(kw.get("env") or os.environ), **env}
+            if self.kernel_name == "python3":  # ipykernel: no TCP-encryption warning per run
+                kw["extra_arguments"] = [*(kw.get("extra_arguments") or []), "--IPKernelApp.log_level=ERROR"]
             await super().start_kernel(**kw)
             if getattr(self.provisioner, "pgid", None): pgids.append(self.provisioner.pgid)
     return RunKernelManager
@@ -272,6 +274,7 @@ def run_notebook(notebook: str | Path, # the .ipynb to execute
         try:
             for pgid in pgids: end_process_group(pgid)  # the kernel (on interrupt) and any worker processes
             worker.join(60)
+            for pgid in pgids: end_process_group(pgid)  # one that started while we were stopping
             metrics = json.loads(nb_metrics.read_text()) if nb_metrics.exists() else {}
             nb_metrics.unlink(missing_ok=True)
             error = f"{interrupted} received" if interrupted else _error_text(box["error"]) if "error" in box else None

@@ -14,7 +14,16 @@
 #   seed, git commit, package versions, wall time and status (`ok`, `failed`, `interrupted`).
 #
 # The command line is `moebook run NOTEBOOK [-p NAME VALUE ...] [--sweep NAME=V1,V2 ...]`, `moebook runs`,
-# `moebook params` and `moebook claims`.
+# `moebook params` and `moebook claims`. For example (from the repository root):
+#
+# ```sh
+# moebook run nbs/02_global_lbl.ipynb -p steps 400 -p seed 1                # one run
+# moebook run nbs/02_global_lbl.ipynb --sweep lr=1e-3,3e-3 --sweep seed=0,1  # a sweep: 4 runs
+# moebook runs                                                              # table of recorded runs
+# ```
+#
+# Every committed notebook names its kernel and language, so plain papermill runs it too:
+# `papermill nbs/01b_schedules.ipynb out.ipynb -p plot_steps 200`.
 
 # %%
 #| default_exp runner
@@ -304,6 +313,8 @@ def _kernel_manager_class(env: dict[str, str], pgids: list[int]):
     class RunKernelManager(AsyncKernelManager):
         async def start_kernel(self, **kw):
             kw["env"] = {**(kw.get("env") or os.environ), **env}
+            if self.kernel_name == "python3":  # ipykernel: no TCP-encryption warning per run
+                kw["extra_arguments"] = [*(kw.get("extra_arguments") or []), "--IPKernelApp.log_level=ERROR"]
             await super().start_kernel(**kw)
             if getattr(self.provisioner, "pgid", None): pgids.append(self.provisioner.pgid)
     return RunKernelManager
@@ -369,6 +380,7 @@ def run_notebook(notebook: str | Path, # the .ipynb to execute
         try:
             for pgid in pgids: end_process_group(pgid)  # the kernel (on interrupt) and any worker processes
             worker.join(60)
+            for pgid in pgids: end_process_group(pgid)  # one that started while we were stopping
             metrics = json.loads(nb_metrics.read_text()) if nb_metrics.exists() else {}
             nb_metrics.unlink(missing_ok=True)
             error = f"{interrupted} received" if interrupted else _error_text(box["error"]) if "error" in box else None
