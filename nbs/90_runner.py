@@ -256,6 +256,9 @@ if demo:
 #| export
 VERSIONED = ("moebook", "torch", "transformers", "diffusers", "numpy", "papermill")
 QUIET_ENV = {"MOEBOOK_QUIET": "1", "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+# A kernel inherits MPLBACKEND; `Agg` from the caller's shell makes every plt.show() a silent no-op, so a
+# record would lose its figures. The kernel always gets Jupyter's inline backend.
+INLINE_ENV = {"MPLBACKEND": "module://matplotlib_inline.backend_inline"}
 
 def environment_info(repo: Path) -> dict[str, Any]:
     "Git commit (and whether the tree had uncommitted changes), Python and package versions."
@@ -358,7 +361,7 @@ def run_notebook(notebook: str | Path, # the .ipynb to execute
               "pid": os.getpid(), "host": platform.node(), **environment_info(notebook.parent)}
     _write_record(run_dir, {**record, "status": "running", "error": None, "wall_time_s": None, "metrics": {}})
     pgids, box = [], {}
-    kernel_env = {METRICS_ENV: str(nb_metrics), **(QUIET_ENV if quiet else {})}
+    kernel_env = {METRICS_ENV: str(nb_metrics), **INLINE_ENV, **(QUIET_ENV if quiet else {})}
     def execute():
         try:
             pm.execute_notebook(notebook, run_dir / notebook.name, parameters=overrides, cwd=str(notebook.parent),

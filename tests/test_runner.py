@@ -282,6 +282,21 @@ def test_progress_bars_stay_out_of_recorded_notebooks(tmp_path, monkeypatch, fla
     assert bars == ([True, True] if flag else [False, False])
 
 
+def test_figures_are_recorded_even_with_an_agg_backend_in_the_shell(tmp_path, monkeypatch):
+    "MPLBACKEND=Agg in the caller's environment made plt.show() a silent no-op: 01, 03 and 04 lost their figures."
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    nb = nbformat.v4.new_notebook()
+    p = nbformat.v4.new_code_cell("seed: int = 0"); p.metadata["tags"] = ["parameters"]
+    nb.cells = [p, nbformat.v4.new_code_cell("import matplotlib.pyplot as plt\nplt.plot([1, 2]); plt.show()")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "fig.ipynb")
+    r = moebook_cli("run", tmp_path / "fig.ipynb", "--runs-dir", tmp_path / "runs", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    (run,) = (tmp_path / "runs" / "fig").iterdir()
+    outs = json.loads((run / "fig.ipynb").read_text())["cells"][-1]["outputs"]
+    assert any("image/png" in o.get("data", {}) for o in outs), outs
+
+
 @pytest.mark.parametrize("fail", [False, True], ids=["success", "failure"])
 def test_global_lbl_ddp_removes_its_temporary_folder(tmp_path, monkeypatch, fail):
     "`run_ddp` without `out_dir` leaves no `glbl-ddp-*` folder behind (torchrun replaced by a stand-in writer)."
