@@ -23,15 +23,19 @@ show_runs: bool = False  # list the recorded runs below the summary
 # ### Run one experiment with parameters
 #
 # ```sh
-# .venv/bin/moebook run nbs/02_global_lbl.ipynb -p steps 400 -p seed 1      # one run
-# .venv/bin/moebook run nbs/02_global_lbl.ipynb -p lr 1e-3,3e-3 -p seed 0,1  # a sweep: 4 runs
-# .venv/bin/moebook runs                                                      # table of recorded runs
+# .venv/bin/moebook run nbs/02_global_lbl.ipynb -p steps 400 -p seed 1                # one run
+# .venv/bin/moebook run nbs/02_global_lbl.ipynb --sweep lr=1e-3,3e-3 --sweep seed=0,1  # a sweep: 4 runs
+# .venv/bin/moebook runs                                                              # table of recorded runs
+# .venv/bin/moebook claims nbs/05_vidcap_pseudolabels.ipynb runs                      # the claim ledger
 # ```
 #
 # Parameters are checked against the notebook's `parameters` cell before anything executes: an unknown
-# name or a value of the wrong type stops with exit code 2 and a message naming it. Each run writes
+# name or a value of the wrong type stops with exit code 2 and a message naming it. `-p` takes a value as
+# written (a comma is just a character); sweeps are explicit. Re-running a sweep skips the combinations
+# already recorded `ok` at the same clean commit (`--force` runs them again); interrupted and failed runs are
+# recorded with that status. Each run writes
 # `runs/<notebook>/<timestamp>-<hash>/` with the executed notebook and `metrics.json` (the notebook's
-# metrics, parameters, seed, git commit, package versions, wall time). To fan a sweep out over several
+# metrics and claim records, parameters, seed, git commit, package versions, wall time). To fan a sweep out over several
 # machines, give each machine the same command plus `--shard i/n` (machine `i` of `n` runs every
 # `n`-th combination), then copy the `runs/` folders together: `moebook runs` reads them all.
 #
