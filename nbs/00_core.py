@@ -143,7 +143,6 @@ with tempfile.TemporaryDirectory() as d:
     test_fail(lambda: atomic_write(target, crash_half_way), contains="the writer died")
     test_eq(target.read_text(), "caf\u00e9 1"); test_eq([p.name for p in target.parent.iterdir()], ["a.json"])
 
-
 # %%
 with tempfile.TemporaryDirectory() as d:
     os.environ[METRICS_ENV] = f"{d}/m.json"

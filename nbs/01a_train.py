@@ -542,6 +542,7 @@ def main(argv: list[str] | None = None) -> None:
 # `python -m moebook.train`; a notebook kernel is `__main__` too, but has no module spec
 if __name__ == "__main__" and globals().get("__spec__") is not None: main()
 
+
 # %% [markdown]
 # ### Tests on a tiny model
 
