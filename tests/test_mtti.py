@@ -120,6 +120,7 @@ def _tiny_pipeline():
     return pipe, d
 
 
+@pytest.mark.slow
 def test_pipeline_save_load_round_trip(tmp_path):
     pipe, d = _tiny_pipeline()
     prompts = d.captions["es"][:3]
@@ -166,6 +167,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="n must be a positive int"): make_dataset(0, 0)
 
 
+@pytest.mark.slow
 def test_manifest_matches_generator():
     committed = json.loads((ROOT / "data" / "mtti_manifest.json").read_text())
     fresh = json.loads(json.dumps(dataset_manifest(committed["n_scenes"], committed["seed"]), ensure_ascii=False))
