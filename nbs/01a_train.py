@@ -627,6 +627,7 @@ test_fail(lambda: train(nn.Identity(), regression_batches(), TrainConfig(progres
 
 # %%
 import matplotlib.pyplot as plt
+import moebook
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 from moebook.core import record_metrics
@@ -756,7 +757,6 @@ assert accum_ok, "gradient accumulation does not match the big batch"
 #| slow
 ddp_weight_diff = ddp_loss_diff = None
 if ddp_check:
-    import moebook
     # the workers import the moebook this kernel imported, wherever the notebook runs
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(moebook.__file__).parents[1]), os.environ.get("PYTHONPATH")])),
            "OMP_NUM_THREADS": "1"}
