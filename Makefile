@@ -99,7 +99,8 @@ sync: install
 	$(BIN)/moebook readme
 
 execute: install
-	for nb in $(NBS); do (cd nbs && MOEBOOK_QUIET=1 ../$(BIN)/jupyter nbconvert --to notebook --execute --inplace $$(basename $$nb)) || exit 1; done
+	# the inline backend: an MPLBACKEND=Agg from the shell would silently drop every figure
+	for nb in $(NBS); do (cd nbs && MOEBOOK_QUIET=1 MPLBACKEND=module://matplotlib_inline.backend_inline ../$(BIN)/jupyter nbconvert --to notebook --execute --inplace $$(basename $$nb)) || exit 1; done
 	$(BIN)/nbdev_clean
 
 bench: install

@@ -41,6 +41,7 @@ def test_matmul_floor_variants_do_the_flops_of_their_layer(bench):
         assert m.w1.grad.shape == m.w1.shape and m.w2.grad.shape == m.w2.shape
 
 
+@pytest.mark.slow
 def test_script_writes_its_json(bench, tmp_path):
     out = tmp_path / "r.json"
     bench.main([*TINY, "--repeats", "1", "--warmup", "0", "--out", str(out)])

@@ -135,6 +135,7 @@ def _score(variant, seed):
     return {"score": float(g.normal() + (1.0 if variant == "B" else 0.0))}
 
 
+@pytest.mark.slow
 def test_paired_runs_pairs_resumes_and_parallelises(tmp_path):
     r = ev.paired_runs(_score, ["A", "B"], [0, 1, 2, 3], {"x": 1}, cache_dir=tmp_path, workers=2)
     assert [r[("B", s)]["score"] - r[("A", s)]["score"] for s in range(4)] == pytest.approx([1.0] * 4)

@@ -218,6 +218,8 @@ def _single_process_reference():
     return loss.item(), torch.autograd.grad(loss, w)[0]
 
 
+@pytest.mark.distributed
+@pytest.mark.timeout(900)
 def test_global_scope_two_ranks_equals_single_process(two_ranks):
     ref_loss, ref_grad = _single_process_reference()
     for r in two_ranks:
@@ -225,6 +227,8 @@ def test_global_scope_two_ranks_equals_single_process(two_ranks):
         torch.testing.assert_close(torch.tensor(r["ours"]["grad"], dtype=torch.float64), ref_grad, atol=1e-6, rtol=0)
 
 
+@pytest.mark.distributed
+@pytest.mark.timeout(900)
 def test_global_scope_check_catches_world_size_error(two_ranks):
     "The same comparison flags a balancer whose gradient is 1/world_size too small (Megatron-LM #3672)."
     _, ref_grad = _single_process_reference()
@@ -233,6 +237,8 @@ def test_global_scope_check_catches_world_size_error(two_ranks):
     torch.testing.assert_close(bug_grad * WORLD, ref_grad, atol=1e-6, rtol=0)
 
 
+@pytest.mark.distributed
+@pytest.mark.timeout(900)
 def test_global_buffer_over_micro_steps_and_ranks(two_ranks):
     w0, _, _, micro = _data()
     all_tokens = torch.cat([x for rank in micro for x in rank])
@@ -241,6 +247,8 @@ def test_global_buffer_over_micro_steps_and_ranks(two_ranks):
         assert r["buffer"] == expected and r["after_reset"] == 0
 
 
+@pytest.mark.distributed
+@pytest.mark.timeout(900)
 def test_moelm_ddp_global_equals_single_process(two_ranks):
     torch.manual_seed(0)
     model = MoeLM(_lm_config("micro")).double()
@@ -252,6 +260,8 @@ def test_moelm_ddp_global_equals_single_process(two_ranks):
             torch.testing.assert_close(torch.tensor(r["lm_grads"][name], dtype=torch.float64), p.grad, atol=1e-6, rtol=0)
 
 
+@pytest.mark.distributed
+@pytest.mark.timeout(900)
 def test_expert_bias_two_ranks_equals_single_process(two_ranks):
     "Counts all-reduced over 2 ranks x 2 micro-steps equal the whole batch's; the bias follows the sign rule on them."
     torch.manual_seed(0)

@@ -5,6 +5,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here starts the CLI, papermill or a kernel
+
 from conftest import BIN, NBS, moebook_cli
 
 TOY = """\

@@ -18,6 +18,7 @@ def fallback_site(tmp_path_factory):
     return build_site(out=tmp_path_factory.mktemp("site") / "site", use_quarto=False)
 
 
+@pytest.mark.slow
 def test_every_notebook_has_a_page(fallback_site):
     pages = {p.stem for p in fallback_site.glob("*.html")}
     assert pages == {nb.stem for nb in notebooks()}
@@ -28,6 +29,7 @@ def test_every_notebook_is_in_the_sidebar_and_every_entry_exists():
     assert hrefs == {nb.name for nb in notebooks()}
 
 
+@pytest.mark.slow
 def test_local_links_resolve(fallback_site):
     for page in fallback_site.glob("*.html"):
         for href in re.findall(r'href="([^"]+)"', page.read_text()):
@@ -36,11 +38,13 @@ def test_local_links_resolve(fallback_site):
             assert (fallback_site / u.path).exists(), f"{page.name}: broken link {href}"
 
 
+@pytest.mark.slow
 def test_pages_say_they_are_the_fallback_and_have_a_home(fallback_site):
     home = (fallback_site / "index.html").read_text()
     assert "Static preview built with nbconvert" in home and "moebook" in home
 
 
+@pytest.mark.slow
 def test_figures_are_embedded(fallback_site):
     for nb in notebooks():
         n_png = sum("image/png" in o.get("data", {}) for c in nbformat.read(nb, as_version=4).cells
@@ -49,6 +53,7 @@ def test_figures_are_embedded(fallback_site):
         assert page.count('src="data:image/png;base64') >= n_png, f"{nb.name}: figures missing from its page"
 
 
+@pytest.mark.slow
 def test_fallback_embeds_a_figure(tmp_path):
     import matplotlib; matplotlib.use("Agg")
     import base64, io
@@ -68,6 +73,7 @@ def _text(page: Path) -> str:
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", "", page.read_text()))
 
 
+@pytest.mark.slow
 def test_pages_show_front_matter_as_title_not_text(fallback_site):
     for nb in notebooks():
         title = next(m[1].strip() for c in nbformat.read(nb, as_version=4).cells
@@ -85,6 +91,7 @@ def test_readme_links_work_from_the_repository_root():
     assert not missing, f"README links that do not resolve from the repository root: {missing}"
 
 
+@pytest.mark.slow
 def test_pages_built_from_runs_say_which_run_and_how_long(tmp_path):
     runs = tmp_path / "runs"
     for name, seconds, overrides in (("index.ipynb", 12.0, {}), ("00_core.ipynb", 210.0, {"seed": 1})):
