@@ -60,6 +60,7 @@ def test_compiled_variants_compute_the_same_layer(bench):
     torch.testing.assert_close(v["dense_compiled"](x), v["dense"](x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_generate_script_cached_equals_uncached_and_writes_json(tmp_path):
     spec = importlib.util.spec_from_file_location("generate_bench", ROOT / "benchmarks" / "generate.py")
     gen = importlib.util.module_from_spec(spec); spec.loader.exec_module(gen)
