@@ -51,9 +51,13 @@ class ExperimentConfig:
     vocab_size: int = 4096         # CorpusRecipe.vocab_size
     eval_batches: int = 8          # validation micro-batches (batch_size x seq_len) per domain
     seed: int = 0
+    device: str = "cpu"            # single-process runs train here; data-parallel runs use gloo on the CPU
 
     def __post_init__(self):
+        if not isinstance(self.device, str) or not self.device:
+            raise TypeError(f"ExperimentConfig.device must be a device name such as 'cpu' or 'cuda', got {self.device!r}")
         for f in dataclasses.fields(self):
+            if f.name == "device": continue
             v = getattr(self, f.name)
             want = float if f.type == "float" else int
             if isinstance(v, bool) or not isinstance(v, (int, float) if want is float else int):
@@ -209,15 +213,16 @@ def evaluate_routing(model: MoeLM, corpus: Corpus, cfg: ExperimentConfig) -> dic
                 raise ValueError(f"domain {dom!r} has {n_avail} validation batches of {cfg.batch_size}x{cfg.seq_len}, eval_batches={cfg.eval_batches}")
             ce = []
             for ids in corpus.validation_batches(dom, cfg.batch_size, cfg.seq_len, cfg.eval_batches):
+                ids = ids.to(next(model.parameters()).device)
                 with capture_routing(model) as cap: out = model(ids, labels=ids)
                 rec = block_routes(model, cap)
                 ce.append(out.lm_loss.item())
                 n_tok[d] += ids.numel()
                 for j, layer in enumerate(layers):
                     r = rec[layer][0]
-                    c = expert_counts(r.expert_idx, E).double()
+                    c = expert_counts(r.expert_idx.cpu(), E).double()
                     counts[j, d] += c; vio_micro[j].append(max_violation(c))
-                    score[j, d] += r.probs.double().topk(k, dim=-1).values.sum(-1).sum()
+                    score[j, d] += r.probs.double().topk(k, dim=-1).values.sum(-1).sum().cpu()
             loss[dom] = float(np.mean(ce))
     finally: model.train(was_training)
     ppl = {d: math.exp(v) for d, v in loss.items()}
@@ -280,7 +285,7 @@ def run_variant(variant: str, # one of VARIANTS
     hooks = ([balancer.reset] if balancer is not None else []) + [lambda: step_ends.append(time.perf_counter())]
     tcfg = TrainConfig(max_steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay, grad_accum=batches.grad_accum,
                        ckpt_every=max(1, cfg.steps // 4) if ckpt_dir else 0, ckpt_dir=ckpt_dir, seed=cfg.seed,
-                       progress=progress, device="cpu")
+                       progress=progress, device=cfg.device if info.world_size == 1 else "cpu")
     schedule = WarmupCosine(cfg.lr, cfg.steps, warmup_steps=min(max(1, cfg.steps // 10), cfg.steps - 1), lr_min=cfg.lr / 10)
     t0 = time.perf_counter()
     history = train(model, batches, tcfg, schedule, loss_fn=make_loss_fn(batches, balancer),
@@ -312,7 +317,7 @@ def ddp_main(argv: list[str] | None = None) -> None:
 def run_ddp(cfg: ExperimentConfig, # the experiment (its seed is replaced by each of `seeds`)
             seeds: list[int], # one run of every variant per seed
             variants: tuple[str, ...] = DP_VARIANTS, # data-parallel variants to run, in this order
-            out_dir: str | Path | None = None, # where rank 0 writes the results (default: a temporary folder)
+            out_dir: str | Path | None = None, # where rank 0 writes the results (default: a temporary folder, removed after)
             nproc: int = 2, # data-parallel ranks
             ckpt_root: str | None = None, # checkpoint root (one folder per variant and seed)
             cache_dir: str | None = None, # corpus cache
@@ -322,6 +327,7 @@ def run_ddp(cfg: ExperimentConfig, # the experiment (its seed is replaced by eac
     for v in variants:
         if v not in DP_VARIANTS: raise ValueError(f"{v!r} is not a data-parallel variant; those are {DP_VARIANTS}")
     if cfg.n_micro % nproc: raise ValueError(f"n_micro={cfg.n_micro} must be a multiple of nproc={nproc}")
+    import shutil
     out = Path(out_dir or tempfile.mkdtemp(prefix="glbl-ddp-"))
     root = str(Path(moebook.__file__).resolve().parents[1])  # make the workers import this very package
     env = {"OMP_NUM_THREADS": "1", "MOEBOOK_QUIET": "1",
@@ -331,8 +337,11 @@ def run_ddp(cfg: ExperimentConfig, # the experiment (its seed is replaced by eac
             "--variants", ",".join(variants), "--out", str(out)]
     if ckpt_root: argv += ["--ckpt-root", str(ckpt_root)]
     if cache_dir: argv += ["--cache-dir", str(cache_dir)]
-    run_torchrun(argv, nproc=nproc, env=env, timeout=timeout)
-    return {(v, s): load_checkpoint(out / f"{v}-seed{s}.pt") for s in seeds for v in variants}
+    try:
+        run_torchrun(argv, nproc=nproc, env=env, timeout=timeout)
+        return {(v, s): load_checkpoint(out / f"{v}-seed{s}.pt") for s in seeds for v in variants}
+    finally:
+        if out_dir is None: shutil.rmtree(out, ignore_errors=True)  # our temporary folder: gone on success and failure
 
 # %% ../nbs/02_global_lbl.ipynb #a19fdf85
 def _run_in_worker(args: tuple) -> dict:

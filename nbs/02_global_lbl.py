@@ -55,7 +55,7 @@ from moebook.core import progress as progress_bar
 # %%
 import matplotlib.pyplot as plt
 from fastcore.test import test_eq, test_ne, test_fail, test_close
-from moebook.core import record_metrics
+from moebook.core import record_metrics, pick_device
 from moebook.moe import load_balancing_loss
 
 # %% tags=["parameters"]
@@ -81,7 +81,12 @@ eval_batches: int = 8  # validation micro-batches per domain
 workers: int = 2  # parallel processes for the single-process runs (1: run them in this process)
 ddp: bool = True  # also run the 2-rank torchrun variants (global via all-reduce, micro for the timing)
 ckpt_dir: str = ""  # folder where runs checkpoint and resume (empty: no checkpoints)
+device: str = "auto"  # "auto" (CUDA when available), "cpu" or "cuda" for the single-process runs; 2-rank runs use gloo on the CPU
 
+
+# %% [markdown]
+# **Scale-up** (longer training, more seeds, e.g. on a GPU; not timed here):
+# `moebook run nbs/02_global_lbl.ipynb -p steps 1000 -p n_seeds 4 -p d_model 256 -p n_layers 4 -p device cuda`
 
 # %% [markdown]
 # ## The experiment's configuration
@@ -114,9 +119,13 @@ class ExperimentConfig:
     vocab_size: int = 4096         # CorpusRecipe.vocab_size
     eval_batches: int = 8          # validation micro-batches (batch_size x seq_len) per domain
     seed: int = 0
+    device: str = "cpu"            # single-process runs train here; data-parallel runs use gloo on the CPU
 
     def __post_init__(self):
+        if not isinstance(self.device, str) or not self.device:
+            raise TypeError(f"ExperimentConfig.device must be a device name such as 'cpu' or 'cuda', got {self.device!r}")
         for f in dataclasses.fields(self):
+            if f.name == "device": continue
             v = getattr(self, f.name)
             want = float if f.type == "float" else int
             if isinstance(v, bool) or not isinstance(v, (int, float) if want is float else int):
@@ -431,15 +440,16 @@ def evaluate_routing(model: MoeLM, corpus: Corpus, cfg: ExperimentConfig) -> dic
                 raise ValueError(f"domain {dom!r} has {n_avail} validation batches of {cfg.batch_size}x{cfg.seq_len}, eval_batches={cfg.eval_batches}")
             ce = []
             for ids in corpus.validation_batches(dom, cfg.batch_size, cfg.seq_len, cfg.eval_batches):
+                ids = ids.to(next(model.parameters()).device)
                 with capture_routing(model) as cap: out = model(ids, labels=ids)
                 rec = block_routes(model, cap)
                 ce.append(out.lm_loss.item())
                 n_tok[d] += ids.numel()
                 for j, layer in enumerate(layers):
                     r = rec[layer][0]
-                    c = expert_counts(r.expert_idx, E).double()
+                    c = expert_counts(r.expert_idx.cpu(), E).double()
                     counts[j, d] += c; vio_micro[j].append(max_violation(c))
-                    score[j, d] += r.probs.double().topk(k, dim=-1).values.sum(-1).sum()
+                    score[j, d] += r.probs.double().topk(k, dim=-1).values.sum(-1).sum().cpu()
             loss[dom] = float(np.mean(ce))
     finally: model.train(was_training)
     ppl = {d: math.exp(v) for d, v in loss.items()}
@@ -532,7 +542,7 @@ def run_variant(variant: str, # one of VARIANTS
     hooks = ([balancer.reset] if balancer is not None else []) + [lambda: step_ends.append(time.perf_counter())]
     tcfg = TrainConfig(max_steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay, grad_accum=batches.grad_accum,
                        ckpt_every=max(1, cfg.steps // 4) if ckpt_dir else 0, ckpt_dir=ckpt_dir, seed=cfg.seed,
-                       progress=progress, device="cpu")
+                       progress=progress, device=cfg.device if info.world_size == 1 else "cpu")
     schedule = WarmupCosine(cfg.lr, cfg.steps, warmup_steps=min(max(1, cfg.steps // 10), cfg.steps - 1), lr_min=cfg.lr / 10)
     t0 = time.perf_counter()
     history = train(model, batches, tcfg, schedule, loss_fn=make_loss_fn(batches, balancer),
@@ -592,7 +602,7 @@ def ddp_main(argv: list[str] | None = None) -> None:
 def run_ddp(cfg: ExperimentConfig, # the experiment (its seed is replaced by each of `seeds`)
             seeds: list[int], # one run of every variant per seed
             variants: tuple[str, ...] = DP_VARIANTS, # data-parallel variants to run, in this order
-            out_dir: str | Path | None = None, # where rank 0 writes the results (default: a temporary folder)
+            out_dir: str | Path | None = None, # where rank 0 writes the results (default: a temporary folder, removed after)
             nproc: int = 2, # data-parallel ranks
             ckpt_root: str | None = None, # checkpoint root (one folder per variant and seed)
             cache_dir: str | None = None, # corpus cache
@@ -602,6 +612,7 @@ def run_ddp(cfg: ExperimentConfig, # the experiment (its seed is replaced by eac
     for v in variants:
         if v not in DP_VARIANTS: raise ValueError(f"{v!r} is not a data-parallel variant; those are {DP_VARIANTS}")
     if cfg.n_micro % nproc: raise ValueError(f"n_micro={cfg.n_micro} must be a multiple of nproc={nproc}")
+    import shutil
     out = Path(out_dir or tempfile.mkdtemp(prefix="glbl-ddp-"))
     root = str(Path(moebook.__file__).resolve().parents[1])  # make the workers import this very package
     env = {"OMP_NUM_THREADS": "1", "MOEBOOK_QUIET": "1",
@@ -611,8 +622,11 @@ def run_ddp(cfg: ExperimentConfig, # the experiment (its seed is replaced by eac
             "--variants", ",".join(variants), "--out", str(out)]
     if ckpt_root: argv += ["--ckpt-root", str(ckpt_root)]
     if cache_dir: argv += ["--cache-dir", str(cache_dir)]
-    run_torchrun(argv, nproc=nproc, env=env, timeout=timeout)
-    return {(v, s): load_checkpoint(out / f"{v}-seed{s}.pt") for s in seeds for v in variants}
+    try:
+        run_torchrun(argv, nproc=nproc, env=env, timeout=timeout)
+        return {(v, s): load_checkpoint(out / f"{v}-seed{s}.pt") for s in seeds for v in variants}
+    finally:
+        if out_dir is None: shutil.rmtree(out, ignore_errors=True)  # our temporary folder: gone on success and failure
 
 
 # %%
@@ -707,7 +721,7 @@ seeds = list(range(seed, seed + n_seeds))
 cfg = ExperimentConfig(steps=steps, n_micro=n_micro, batch_size=batch_size, seq_len=seq_len, d_model=d_model, n_layers=n_layers,
                        n_experts=n_experts, top_k=top_k, d_ff_expert=d_ff_expert, n_shared_experts=n_shared_experts,
                        aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef, lr=lr, corpus_bytes=corpus_bytes,
-                       vocab_size=vocab_size, eval_batches=eval_batches, seed=seed)
+                       vocab_size=vocab_size, eval_batches=eval_batches, seed=seed, device=str(pick_device(device)))
 variants = tuple(v for v in VARIANTS if ddp or v not in DP_VARIANTS)
 corpus = load_corpus(cfg.recipe())
 n_params = sum(p.numel() for p in MoeLM(cfg.model_config(corpus.vocab_size, "micro")).parameters())
@@ -839,6 +853,7 @@ if ddp:
 
 # %%
 #| slow
+#| output: asis
 ppl, mi, peak = by_variant("avg_ppl"), by_variant("mutual_info"), by_variant("peak_over_uniform")
 def verdict(diffs: np.ndarray, noise: float, paper_direction: bool = True) -> str:
     "supported / not supported / inconclusive for per-seed differences (positive = the paper's direction)."

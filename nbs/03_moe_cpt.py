@@ -47,6 +47,7 @@ from moebook.train import TrainConfig, train
 
 # %%
 import tempfile, time, shutil
+from moebook.core import pick_device
 import matplotlib.pyplot as plt
 from fastcore.test import test_eq, test_ne, test_fail, test_close
 from moebook.core import record_metrics
@@ -80,8 +81,12 @@ vocab_size: int = 1024  # BPE vocabulary of the corpus
 max_bytes_per_domain: int = 1_500_000  # text budget per corpus domain
 ckpt_root: str = ""  # folder for the phase checkpoints (empty: a temporary folder); rerunning with the same folder resumes
 threads: int = 1  # torch CPU threads (these matrices are tiny: one thread is fastest and immune to a busy machine)
+device: str = "auto"  # "auto" (CUDA when available), "cpu" or "cuda": where every model trains and evaluates
 
 # %% [markdown]
+# **Scale-up** (a longer, wider run, e.g. on a GPU; not timed here):
+# `moebook run nbs/03_moe_cpt.ipynb -p pretrain_steps 2400 -p cpt_steps 1200 -p d_model 256 -p d_ff 512 -p threads 8 -p device cuda`
+#
 # The models are so small that threading costs more than it gains (and several threads on a shared CPU slow
 # every kernel down by an order of magnitude), so everything runs on `threads` CPU threads. Results are
 # reproducible for a given thread count.
@@ -671,7 +676,8 @@ for r in replay_list + [infinite_replay]: replay_weights("english", "code", r)
 if not replay_list: raise ValueError("replays: give at least one replay fraction")
 cfg = CPTConfig.scaled(pretrain_steps, cpt_steps, batch_size=batch_size, seq_len=seq_len, d_model=d_model, n_layers=n_layers, d_ff=d_ff,
                        n_experts=n_experts, lr_max=lr_max, lr_min=lr_min, lr_const=max(lr_min, 0.55 * lr_max),
-                       eval_every=eval_every, cpt_eval_every=cpt_eval_every, eval_batches=eval_batches, seed=seed, progress=progress)
+                       eval_every=eval_every, cpt_eval_every=cpt_eval_every, eval_batches=eval_batches, seed=seed, progress=progress,
+                       device=str(pick_device(device)))
 t_start = time.time()
 corpus = load_corpus(CorpusRecipe(max_bytes_per_domain=max_bytes_per_domain, vocab_size=vocab_size,
                                   tokenizer_sample_bytes=min(CorpusRecipe().tokenizer_sample_bytes, max_bytes_per_domain // 2)))
@@ -882,6 +888,7 @@ if "dense" in results:
 
 # %%
 #| slow
+#| output: asis
 def verdict(ok: bool | None) -> str: return "inconclusive (not run)" if ok is None else ("supported" if ok else "not supported")
 by = {(row["model"], row["replay"]): row for row in rows}
 claims = []

@@ -75,6 +75,10 @@ unet_channels: int = 32  # channels of both UNet levels
 num_threads: int = 1  # torch CPU threads; 1 avoids thread-barrier stalls on a shared CPU
 
 # %% [markdown]
+# **Scale-up** (more data, longer training, more evaluation images, e.g. on a GPU; not timed here):
+# `moebook run nbs/04_mtti_ensad.ipynb -p n_train 20000 -p n_eval 1000 -p generator_steps 3000 -p adapter_steps 500 -p unet_channels 64 -p num_threads 8 -p device cuda`
+
+# %% [markdown]
 # ## The world: scenes and images
 #
 # A scene is five attributes: `count` shapes of one `shape`, `colour` and `size`, grouped in one half of the

@@ -59,6 +59,10 @@ mcts_iters_per_step: int = 3  # MCTS expansions per plan step (iterations: this 
 data_fraction: float = 0.1  # the small fraction of the training data for the identification curve (vs 100%)
 
 # %% [markdown]
+# **Scale-up** (more data, longer training, more evaluation problems, e.g. on a GPU; not timed here):
+# `moebook run nbs/06_causal_world_models.ipynb -p n_episodes 400 -p ae_steps 3000 -p flow_steps 3000 -p lm_steps 4000 -p n_infer 200 -p n_plan 100 -p device cuda`
+
+# %% [markdown]
 # ## The GridWorld
 #
 # The grid is 8×8. Three cars live in fixed columns and drive downwards (wrapping around); each car has its

@@ -11,9 +11,19 @@
 #
 # - the executed notebook (outputs, plots),
 # - `metrics.json`: whatever the notebook passed to `moebook.core.record_metrics`, plus the parameters,
-#   seed, git commit, package versions, wall time and status.
+#   seed, git commit, package versions, wall time and status (`ok`, `failed`, `interrupted`).
 #
-# The command line is `moebook run NOTEBOOK [-p NAME VALUE ...]`, `moebook runs` and `moebook params`.
+# The command line is `moebook run NOTEBOOK [-p NAME VALUE ...] [--sweep NAME=V1,V2 ...]`, `moebook runs`,
+# `moebook params` and `moebook claims`. For example (from the repository root):
+#
+# ```sh
+# moebook run nbs/02_global_lbl.ipynb -p steps 400 -p seed 1                # one run
+# moebook run nbs/02_global_lbl.ipynb --sweep lr=1e-3,3e-3 --sweep seed=0,1  # a sweep: 4 runs
+# moebook runs                                                              # table of recorded runs
+# ```
+#
+# Every committed notebook names its kernel and language, so plain papermill runs it too:
+# `papermill nbs/01b_schedules.ipynb out.ipynb -p plot_steps 200`.
 
 # %%
 #| default_exp runner
@@ -21,7 +31,7 @@
 # %%
 #| export
 from __future__ import annotations
-import argparse, ast, datetime as dt, difflib, hashlib, itertools, json, os, platform, subprocess, sys, time
+import argparse, ast, datetime as dt, difflib, hashlib, itertools, json, os, platform, signal, subprocess, sys, threading, time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -158,10 +168,12 @@ if demo:
 # %% [markdown]
 # ## Sweeps
 #
-# On the command line a comma separates the values of a sweep (`-p lr 1e-3,3e-3 -p seed 0,1` is four
-# runs, their cartesian product, executed one after another); write `\,` for a literal comma in a string.
-# `--shard i/n` keeps every `n`-th combination starting at `i`, which is how one sweep is spread over `n`
-# machines.
+# `-p NAME VALUE` sets one parameter to one value, as written: a comma is just a character
+# (`-p variants dense,switch_aux` passes that string). A sweep is asked for explicitly:
+# `--sweep NAME=V1,V2,...` (repeatable; write `\,` for a comma inside a value). Several sweeps make their
+# cartesian product, executed one after another: `--sweep lr=1e-3,3e-3 --sweep seed=0,1` is four runs.
+# Every value is checked before anything runs. `--shard i/n` keeps every `n`-th combination starting at
+# `i`, which is how one sweep is spread over `n` machines.
 
 # %%
 #| export
@@ -175,12 +187,33 @@ def split_values(text: str) -> list[str]:
         i += 1
     return parts + [cur]
 
-def expand_sweep(spec: dict[str, Param], cli: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
-    "Cartesian product of the command-line `(name, text)` pairs, each value checked against `spec`."
+def parse_sweep(text: str) -> tuple[str, list[str]]:
+    "`NAME=V1,V2,...` -> `(NAME, [V1, V2, ...])`."
+    name, eq, values = text.partition("=")
+    if not eq or not name.strip(): raise ParameterError(f"--sweep expects NAME=V1,V2,..., got {text!r}")
+    return name.strip(), split_values(values)
+
+def expand_sweep(spec: dict[str, Param], # the notebook's parameters
+                 fixed: Sequence[tuple[str, str]] = (), # `-p NAME VALUE` pairs: one value each, taken as is
+                 sweeps: Sequence[str] = (), # `--sweep NAME=V1,V2` texts
+                ) -> list[dict[str, Any]]: # every combination, each value checked against `spec`
+    "The runs a command line asks for: the fixed values times the cartesian product of the sweeps."
     grid: dict[str, list[Any]] = {}
-    for name, text in cli:
+    def add(name, values):
         if name in grid: raise ParameterError(f"parameter {name!r} given twice")
-        grid[name] = [check_parameters(spec, {name: v})[name] for v in split_values(text)]
+        grid[name] = values
+    for name, text in fixed:
+        try: add(name, [check_parameters(spec, {name: text})[name]])
+        except ParameterError as e:
+            if "," in text and name in spec and name not in grid:  # probably the old comma-sweep syntax
+                raise ParameterError(f"{e}; a sweep is written --sweep {name}={text}") from None
+            raise
+    for text in sweeps:
+        name, texts = parse_sweep(text)
+        values = [check_parameters(spec, {name: v})[name] for v in texts]
+        if len({json.dumps(v) for v in values}) < len(values):
+            raise ParameterError(f"--sweep {name}: a value is listed twice in {text!r}")
+        add(name, values)
     return [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -194,18 +227,38 @@ def parse_shard(text: str) -> tuple[int, int]:
 # %%
 if demo:
     test_eq(split_values(r"a\,b,c"), ["a,b", "c"])
-    combos = expand_sweep(spec, [("lr", "1e-3,3e-3"), ("steps", "1,2")])
+    test_eq(expand_sweep(spec, [("name", "dense,switch_aux"), ("steps", "2")]), [{"name": "dense,switch_aux", "steps": 2}])
+    combos = expand_sweep(spec, sweeps=["lr=1e-3,3e-3", "steps=1,2"])
     test_eq(combos, [{"lr": 1e-3, "steps": 1}, {"lr": 1e-3, "steps": 2}, {"lr": 3e-3, "steps": 1}, {"lr": 3e-3, "steps": 2}])
+    test_eq(expand_sweep(spec, [("quick", "yes")], [r"name=a\,b,c"]), [{"quick": True, "name": "a,b"}, {"quick": True, "name": "c"}])
     test_eq(combos[1::2], [combos[1], combos[3]])  # what --shard 1/2 keeps
-    test_fail(lambda: expand_sweep(spec, [("steps", "1,two")]), contains="'steps' expects int")
+    test_fail(lambda: expand_sweep(spec, sweeps=["steps=1,two"]), contains="'steps' expects int")
+    test_fail(lambda: expand_sweep(spec, [("steps", "1,2")]), contains="a sweep is written --sweep steps=1,2")
+    test_fail(lambda: expand_sweep(spec, [("steps", "1")], ["steps=2,3"]), contains="'steps' given twice")
+    test_fail(lambda: expand_sweep(spec, sweeps=["steps"]), contains="--sweep expects NAME=V1,V2")
+    test_fail(lambda: expand_sweep(spec, sweeps=["lr=0.1,1e-1"]), contains="listed twice")
     test_fail(lambda: parse_shard("2/2"), contains="need 0 <= i < n")
 
 # %% [markdown]
 # ## Executing and recording a run
+#
+# papermill runs the notebook in a worker thread while the main thread waits for it and for signals:
+# Ctrl-C (SIGINT) or SIGTERM end the kernel and every process it started (it runs in its own process
+# group), and the run is recorded as `interrupted` with the metrics recorded so far. A run that raises is
+# recorded as `failed`. A `running` record is written when the run starts, so a runner killed without a
+# chance to clean up (SIGKILL, power loss) still leaves a visible record.
+#
+# Records are for reading later, so by default the kernel runs with progress bars off (`MOEBOOK_QUIET`,
+# tqdm's and Hugging Face's switches): an executed notebook does not carry thousands of progress lines.
+# All paths handed to the kernel are absolute: it runs in the notebook's folder, not the caller's.
 
 # %%
 #| export
 VERSIONED = ("moebook", "torch", "transformers", "diffusers", "numpy", "papermill")
+QUIET_ENV = {"MOEBOOK_QUIET": "1", "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+# A kernel inherits MPLBACKEND; `Agg` from the caller's shell makes every plt.show() a silent no-op, so a
+# record would lose its figures. The kernel always gets Jupyter's inline backend.
+INLINE_ENV = {"MPLBACKEND": "module://matplotlib_inline.backend_inline"}
 
 def environment_info(repo: Path) -> dict[str, Any]:
     "Git commit (and whether the tree had uncommitted changes), Python and package versions."
@@ -224,11 +277,69 @@ def run_id(params: dict[str, Any], when: dt.datetime) -> str:
     h = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:7]
     return f"{when:%Y%m%d-%H%M%S}-{h}"
 
+def effective_parameters(spec: dict[str, Param], overrides: dict[str, Any]) -> dict[str, Any]:
+    "The values a run uses: the defaults with `overrides` (already checked) applied."
+    return {**{k: p.default for k, p in spec.items()}, **overrides}
+
+
+# %%
+#| export
+class RunInterrupted(KeyboardInterrupt):
+    "A run stopped by SIGINT or SIGTERM; it was recorded as `interrupted` in `run_dir`."
+    def __init__(self, run_dir: Path, signame: str):
+        super().__init__(f"{signame}: run recorded as interrupted in {run_dir}")
+        self.run_dir, self.signame = run_dir, signame
+
+class _SigTerm(KeyboardInterrupt): pass
+
+def _raise_sigterm(signum, frame): raise _SigTerm()
+
+def end_process_group(pgid: int | None, # a process group id (the kernel's: it leads its own session)
+                      grace: float = 5.0, # seconds between SIGTERM and SIGKILL
+                     ) -> None:
+    "End every process left in group `pgid`: SIGTERM, then SIGKILL after `grace` seconds."
+    if not pgid or not hasattr(os, "killpg"): return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try: os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError): return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            try: os.waitpid(pgid, os.WNOHANG)  # the kernel is our child: reap it, or it lingers as a zombie
+            except ChildProcessError: pass
+            try: os.killpg(pgid, 0)
+            except (ProcessLookupError, PermissionError): return
+            time.sleep(0.05)
+
+def _kernel_manager_class(env: dict[str, str], pgids: list[int]):
+    "jupyter_client's kernel manager, starting the kernel with `env` added and reporting its process group."
+    from jupyter_client.manager import AsyncKernelManager
+    class RunKernelManager(AsyncKernelManager):
+        async def start_kernel(self, **kw):
+            kw["env"] = {**(kw.get("env") or os.environ), **env}
+            if self.kernel_name == "python3":  # ipykernel: no TCP-encryption warning per run
+                kw["extra_arguments"] = [*(kw.get("extra_arguments") or []), "--IPKernelApp.log_level=ERROR"]
+            await super().start_kernel(**kw)
+            if getattr(self.provisioner, "pgid", None): pgids.append(self.provisioner.pgid)
+    return RunKernelManager
+
+
+# %%
+#| export
+def _write_record(run_dir: Path, record: dict[str, Any]) -> None:
+    atomic_write_text(run_dir / "metrics.json", json.dumps(to_jsonable(record), indent=2, sort_keys=True))
+    for f in run_dir.iterdir():  # readable records (mkstemp makes 0600), whatever the umask
+        if f.is_file() and not f.name.startswith("."): f.chmod(0o644)
+
+def _error_text(e: BaseException) -> str:
+    if hasattr(e, "ename"): return f"{e.ename}: {e.evalue}"[:500]
+    return f"{type(e).__name__}: {e}".splitlines()[0][:500]
+
 def run_notebook(notebook: str | Path, # the .ipynb to execute
                  params: dict[str, Any] | None = None, # parameter overrides, checked against its parameters cell
                  runs_dir: str | Path = "runs", # runs go to `runs_dir/<notebook stem>/<run id>/`
-                 progress: bool = True, # show papermill's cell progress bar
+                 progress: bool = True, # show papermill's cell progress bar (in this terminal)
                  kernel_name: str | None = None, # Jupyter kernel; default: the notebook's own, else `python3`
+                 quiet: bool = True, # progress bars off inside the notebook (they would fill the record)
                 ) -> Path: # the run directory, holding the executed notebook and `metrics.json`
     "Execute `notebook` with papermill and record the run; raises `ParameterError` before executing anything."
     import papermill as pm
@@ -236,9 +347,9 @@ def run_notebook(notebook: str | Path, # the .ipynb to execute
     spec = read_parameters(notebook)
     kernel_name = kernel_name or json.loads(notebook.read_text()).get("metadata", {}).get("kernelspec", {}).get("name", "python3")
     overrides = check_parameters(spec, params or {})
-    effective = {**{k: p.default for k, p in spec.items()}, **overrides}
+    effective = effective_parameters(spec, overrides)
     started = dt.datetime.now()
-    base = Path(runs_dir) / notebook.stem
+    base = Path(runs_dir).resolve() / notebook.stem  # absolute: the kernel runs in the notebook's folder
     run_dir = base / run_id(effective, started)
     for k in itertools.count(2):
         if not run_dir.exists(): break
@@ -247,21 +358,41 @@ def run_notebook(notebook: str | Path, # the .ipynb to execute
     nb_metrics = run_dir / ".notebook_metrics.json"
     record = {"notebook": notebook.name, "run_id": run_dir.name, "started_at": started.isoformat(timespec="seconds"),
               "parameters": effective, "overrides": overrides, "seed": effective.get("seed"),
-              **environment_info(notebook.parent)}
-    old_env, t0, error = os.environ.get(METRICS_ENV), time.perf_counter(), None
-    os.environ[METRICS_ENV] = str(nb_metrics)  # the kernel inherits it; record_metrics writes there
+              "pid": os.getpid(), "host": platform.node(), **environment_info(notebook.parent)}
+    _write_record(run_dir, {**record, "status": "running", "error": None, "wall_time_s": None, "metrics": {}})
+    pgids, box = [], {}
+    kernel_env = {METRICS_ENV: str(nb_metrics), **INLINE_ENV, **(QUIET_ENV if quiet else {})}
+    def execute():
+        try:
+            pm.execute_notebook(notebook, run_dir / notebook.name, parameters=overrides, cwd=str(notebook.parent),
+                                progress_bar=progress, kernel_name=kernel_name, language="python",
+                                kernel_manager_class=_kernel_manager_class(kernel_env, pgids))
+        except BaseException as e: box["error"] = e  # the executed notebook (with the failing cell) is kept
+    main_thread = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _raise_sigterm) if main_thread else None
+    t0, interrupted = time.perf_counter(), None
+    worker = threading.Thread(target=execute, name=f"moebook-run-{run_dir.name}", daemon=True)
     try:
-        pm.execute_notebook(notebook, run_dir / notebook.name, parameters=overrides, cwd=str(notebook.parent),
-                            progress_bar=progress, kernel_name=kernel_name, language="python")
-    except Exception as e:  # the executed notebook (with the failing cell) is kept for inspection
-        error = f"{type(e).__name__}: {e}".splitlines()[0][:500] if not hasattr(e, "ename") else f"{e.ename}: {e.evalue}"[:500]
+        worker.start()
+        while worker.is_alive(): worker.join(0.2)  # short waits, so signals reach this thread at once
+    except KeyboardInterrupt as e:
+        interrupted = "SIGTERM" if isinstance(e, _SigTerm) else "SIGINT"
     finally:
-        if old_env is None: os.environ.pop(METRICS_ENV, None)
-        else: os.environ[METRICS_ENV] = old_env
-    metrics = json.loads(nb_metrics.read_text()) if nb_metrics.exists() else {}
-    nb_metrics.unlink(missing_ok=True)
-    record.update(status="failed" if error else "ok", error=error, wall_time_s=round(time.perf_counter() - t0, 3), metrics=metrics)
-    atomic_write_text(run_dir / "metrics.json", json.dumps(to_jsonable(record), indent=2, sort_keys=True))
+        if main_thread:  # finish the record before the next signal may act
+            signal.signal(signal.SIGTERM, signal.SIG_IGN); old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            for pgid in pgids: end_process_group(pgid)  # the kernel (on interrupt) and any worker processes
+            worker.join(60)
+            for pgid in pgids: end_process_group(pgid)  # one that started while we were stopping
+            metrics = json.loads(nb_metrics.read_text()) if nb_metrics.exists() else {}
+            nb_metrics.unlink(missing_ok=True)
+            error = f"{interrupted} received" if interrupted else _error_text(box["error"]) if "error" in box else None
+            status = "interrupted" if interrupted else "failed" if error else "ok"
+            _write_record(run_dir, {**record, "status": status, "error": error,
+                                    "wall_time_s": round(time.perf_counter() - t0, 3), "metrics": metrics})
+        finally:
+            if main_thread: signal.signal(signal.SIGTERM, old_term); signal.signal(signal.SIGINT, old_int)
+    if interrupted: raise RunInterrupted(run_dir, interrupted)
     return run_dir
 
 
@@ -276,18 +407,58 @@ if demo:
 
 
 # %% [markdown]
-# ## Listing runs
+# ## Listing runs, resuming sweeps
+#
+# `list_runs` reads every `metrics.json`. A record still saying `running` whose runner process is gone
+# (on this host) is listed as `interrupted`. A sweep resumes: a combination already recorded `ok` with the
+# same effective parameters at the same git commit, with a clean tree then and now, is skipped
+# (`--force` runs it again). `default_run` picks the latest `ok` run made with a notebook's default
+# parameters, the one a site built from runs shows (never a quick `-p steps 20` run).
 
 # %%
 #| export
+def _alive(pid: Any) -> bool:
+    try: os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError, TypeError): return False
+    except PermissionError: return True
+    return True
+
 def list_runs(runs_dir: str | Path = "runs", notebook: str | None = None) -> list[dict[str, Any]]:
     "Every recorded run under `runs_dir` (optionally of one notebook), oldest first."
     rows = []
     for f in sorted(Path(runs_dir).glob("*/*/metrics.json")):
         if notebook and f.parent.parent.name != Path(notebook).stem: continue
-        try: rows.append({**json.loads(f.read_text()), "path": str(f.parent)})
+        try: r = {**json.loads(f.read_text()), "path": str(f.parent)}
         except json.JSONDecodeError: continue  # a run still being written
+        if r.get("status") == "running" and r.get("host") == platform.node() and not _alive(r.get("pid")):
+            r.update(status="interrupted", error="the runner ended without recording a result")
+        rows.append(r)
     return sorted(rows, key=lambda r: (r.get("started_at", ""), r["path"]))
+
+def _same(a: Any, b: Any) -> bool:
+    return json.dumps(to_jsonable(a), sort_keys=True) == json.dumps(to_jsonable(b), sort_keys=True)
+
+def completed_run(runs_dir: str | Path, # where runs are recorded
+                  notebook: str | Path, # the notebook (its file name picks the runs)
+                  parameters: dict[str, Any], # effective parameters of the planned run
+                  env: dict[str, Any], # `environment_info` now
+                 ) -> Path | None: # the latest matching run directory, or None
+    "A run recorded `ok` with these `parameters` at the clean git commit of `env` (None when the tree is dirty)."
+    if not env.get("git_commit") or env.get("git_dirty"): return None  # nothing identifies the code
+    for r in reversed(list_runs(runs_dir, Path(notebook).stem)):
+        if (r.get("status") == "ok" and r.get("git_commit") == env["git_commit"] and not r.get("git_dirty")
+                and _same(r.get("parameters"), parameters)):
+            return Path(r["path"])
+    return None
+
+def default_run(runs_dir: str | Path, # where runs are recorded
+                notebook: str | Path, # the .ipynb whose parameters cell gives the defaults
+               ) -> Path | None: # the run directory (executed notebook + metrics.json), or None
+    "The latest `ok` run of `notebook` whose parameters equal the notebook's current defaults."
+    defaults = effective_parameters(read_parameters(notebook), {})
+    for r in reversed(list_runs(runs_dir, Path(notebook).stem)):
+        if r.get("status") == "ok" and _same(r.get("parameters"), defaults): return Path(r["path"])
+    return None
 
 def _short(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
@@ -298,7 +469,7 @@ def format_runs(rows: list[dict[str, Any]], max_metrics: int = 3) -> str:
     table = [("notebook", "run", "status", "wall s", "overrides", "metrics")]
     for r in rows:
         scalars = [(k, v) for k, v in r.get("metrics", {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        table.append((Path(r["notebook"]).stem, r["run_id"], r["status"], f"{r.get('wall_time_s', 0):.1f}",
+        table.append((Path(r["notebook"]).stem, r["run_id"], r["status"], f"{r.get('wall_time_s') or 0:.1f}",
                       " ".join(f"{k}={_short(v)}" for k, v in r.get("overrides", {}).items()) or "-",
                       " ".join(f"{k}={_short(v)}" for k, v in scalars[:max_metrics]) or "-"))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
@@ -311,6 +482,22 @@ if demo:
     print(out)
     assert "toy" in out and "steps=3" in out and "result=0.0009" in out
     test_eq(format_runs([]), "no runs recorded")
+    test_eq(default_run(tmp / "runs", tmp / "toy.ipynb"), None)  # only a steps=3 run so far
+    d0 = run_notebook(tmp / "toy.ipynb", {"steps": 10}, runs_dir=tmp / "runs", progress=False)  # = the defaults
+    test_eq(default_run(tmp / "runs", tmp / "toy.ipynb"), d0)
+    def fake(i, status, commit, dirty=False, steps=3):  # hand-made records: which one may a sweep skip?
+        f = tmp / "fake" / "toy" / f"2026010{i}-000000-x" / "metrics.json"; f.parent.mkdir(parents=True)
+        f.write_text(json.dumps({"notebook": "toy.ipynb", "run_id": f.parent.name, "started_at": f"2026-01-0{i}",
+                                 "status": status, "git_commit": commit, "git_dirty": dirty, "host": platform.node(), "pid": None,
+                                 "parameters": {"steps": steps, "lr": 3e-4, "name": "x", "quick": False}}))
+        return f.parent
+    fake(1, "ok", "abc"); want = fake(2, "ok", "abc"); fake(3, "failed", "abc"); fake(4, "ok", "abc", dirty=True)
+    fake(5, "ok", "def"); fake(6, "ok", "abc", steps=4); fake(7, "running", "abc")
+    planned = effective_parameters(spec, {"steps": 3})
+    test_eq(completed_run(tmp / "fake", "toy.ipynb", planned, {"git_commit": "abc", "git_dirty": False}), want)
+    test_eq(completed_run(tmp / "fake", "toy.ipynb", planned, {"git_commit": "abc", "git_dirty": True}), None)
+    test_eq(completed_run(tmp / "fake", "toy.ipynb", {**planned, "lr": 1e-3}, {"git_commit": "abc", "git_dirty": False}), None)
+    test_eq(list_runs(tmp / "fake")[-1]["status"], "interrupted")  # `running`, but no runner process (pid missing)
 
 
 # %% [markdown]
@@ -324,10 +511,15 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="execute notebooks with papermill and record each run")
     r.add_argument("notebooks", nargs="+", help="one or more .ipynb files")
     r.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
-                   help="set a parameter; commas make a sweep (\\, is a literal comma)")
+                   help="set a parameter to VALUE, as written (a comma is just a character)")
+    r.add_argument("--sweep", action="append", default=[], metavar="NAME=V1,V2",
+                   help="run once per value (\\, is a literal comma); several sweeps run their cartesian product")
     r.add_argument("--runs-dir", default=os.environ.get("MOEBOOK_RUNS_DIR", "runs"), help="where runs are recorded (default: runs)")
     r.add_argument("--shard", default="0/1", help="run only combination i, i+n, ... of a sweep (i/n)")
+    r.add_argument("--force", action="store_true", help="run combinations already recorded ok at this commit again")
     r.add_argument("--no-progress", action="store_true", help="hide papermill's progress bar")
+    r.add_argument("--notebook-progress", action="store_true",
+                   help="keep the notebook's own progress bars (off by default: they would fill the executed notebook)")
     l = sub.add_parser("runs", help="list recorded runs")
     l.add_argument("notebook", nargs="?", help="only runs of this notebook")
     l.add_argument("--runs-dir", default=os.environ.get("MOEBOOK_RUNS_DIR", "runs"))
@@ -338,6 +530,9 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--from-runs", default=None, metavar="RUNS_DIR", help="render the latest successful run of each notebook")
     w.add_argument("--no-quarto", action="store_true", help="build the static preview even if quarto is installed")
     sub.add_parser("readme", help="write README.md from nbs/index.ipynb")
+    c = sub.add_parser("claims", help="print the claim ledger of executed notebooks or recorded runs")
+    c.add_argument("paths", nargs="+", metavar="PATH", help="an executed .ipynb, a run folder, or a runs/ folder")
+    c.add_argument("--json", action="store_true", help="print the claim records as JSON instead of a markdown table")
     return p
 
 def _cmd_run(a) -> int:
@@ -345,13 +540,20 @@ def _cmd_run(a) -> int:
     plans = []  # validate every notebook and combination before executing any
     for nb in a.notebooks:
         spec = read_parameters(nb)
-        plans += [(nb, combo) for combo in expand_sweep(spec, a.param)]
+        plans += [(nb, spec, combo) for combo in expand_sweep(spec, a.param, a.sweep)]
     plans = plans[shard[0]::shard[1]]
     failed = 0
-    for i, (nb, combo) in enumerate(plans, 1):
+    for i, (nb, spec, combo) in enumerate(plans, 1):
         desc = " ".join(f"{k}={v}" for k, v in combo.items()) or "defaults"
+        env = environment_info(Path(nb).resolve().parent)
+        if not a.force and (done := completed_run(a.runs_dir, nb, effective_parameters(spec, combo), env)):
+            print(f"[{i}/{len(plans)}] {nb} ({desc}): skipped, recorded ok at this commit in {done} (--force runs it again)", flush=True)
+            continue
         print(f"[{i}/{len(plans)}] {nb} ({desc})", flush=True)
-        d = run_notebook(nb, combo, runs_dir=a.runs_dir, progress=not a.no_progress)
+        try: d = run_notebook(nb, combo, runs_dir=a.runs_dir, progress=not a.no_progress, quiet=not a.notebook_progress)
+        except RunInterrupted as e:
+            print(f"  -> interrupted ({e.signame}); recorded in {e.run_dir}", file=sys.stderr, flush=True)
+            return 128 + (signal.SIGTERM if e.signame == "SIGTERM" else signal.SIGINT)
         m = json.loads((d / "metrics.json").read_text())
         print(f"  -> {m['status']} in {m['wall_time_s']:.1f}s: {d}" + (f"\n  error: {m['error']}" if m["error"] else ""), flush=True)
         failed += m["status"] != "ok"
@@ -373,6 +575,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.cmd == "readme":
             from moebook.site import write_readme
             print(f"wrote {write_readme()}"); return 0
+        if a.cmd == "claims":
+            from moebook.evidence import EvidenceError, claims_command  # imported here: only this command needs it
+            try: return claims_command(a.paths, a.json)
+            except EvidenceError as e: raise ParameterError(str(e)) from None  # same exit path: message, code 2
     except ParameterError as e:
         print(f"moebook: error: {e}", file=sys.stderr); return 2
     return 2
@@ -381,7 +587,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 # %%
 if demo:
     test_eq(main(["run", str(tmp / "toy.ipynb"), "-p", "steps", "x", "--runs-dir", str(tmp / "cli")]), 2)
+    test_eq(main(["run", str(tmp / "toy.ipynb"), "--sweep", "steps=1,x", "--runs-dir", str(tmp / "cli")]), 2)
     assert not (tmp / "cli").exists()
-    test_eq(main(["run", str(tmp / "toy.ipynb"), "-p", "steps", "1,2", "--shard", "1/2", "--no-progress", "--runs-dir", str(tmp / "cli")]), 0)
+    test_eq(main(["run", str(tmp / "toy.ipynb"), "--sweep", "steps=1,2", "--shard", "1/2", "--no-progress", "--runs-dir", str(tmp / "cli")]), 0)
     test_eq([r["overrides"] for r in list_runs(tmp / "cli")], [{"steps": 2}])
     shutil.rmtree(tmp)

@@ -83,6 +83,7 @@ def ddp(tmp_path_factory):
     return json.loads(out.read_text())
 
 
+@pytest.mark.distributed
 def test_two_ranks_global_equals_one_process_on_concatenated_batch(ddp):
     # reference without any balancer: the micro scope on the whole concatenated batch *is* the global loss
     ref = run("micro", 1, None)
@@ -93,6 +94,7 @@ def test_two_ranks_global_equals_one_process_on_concatenated_batch(ddp):
     assert max(abs(x) for row in ref["grads"]["blocks.0.ffn.router.weight"] for x in row) > 1e-3
 
 
+@pytest.mark.distributed
 def test_two_ranks_with_accumulation_equal_one_process_buffer(ddp):
     ref = run("global", 2, GlobalBalancer())  # one process, 2 accumulation steps of the 4 rows, count buffer
     assert max_diff(ddp["accum2"]["grads"], ref["grads"]) < 1e-6
@@ -101,6 +103,7 @@ def test_two_ranks_with_accumulation_equal_one_process_buffer(ddp):
     assert max_diff(ref["grads"], run("micro", 2, None)["grads"], "router") > 1e-4
 
 
+@pytest.mark.distributed
 def test_world_size_scale_error_is_caught(ddp):
     ref = run("micro", 1, None)
     err_router = max_diff(ddp["scaled"]["grads"], ref["grads"], "router")

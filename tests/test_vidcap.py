@@ -179,6 +179,8 @@ def test_bad_inputs_raise_clear_errors(data, vocab):
     with pytest.raises(ValueError, match="as many captions"): Pool(data.gold_train, vocab.encode(["a red square"], 8))
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # minutes on a busy 2-core machine
 def test_training_loop_fits_a_tiny_set(data, vocab):
     torch.manual_seed(0)
     ic = ImageCaptioner(len(vocab), 32, 32, 1, 2, 16)
