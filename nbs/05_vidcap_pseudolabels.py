@@ -1380,7 +1380,7 @@ if loaded:
 else:
     print("training the frozen LM and the image captioner " + ("(retrain=True)" if retrain else "(no checkpoint for these parameters)"))
     lm, img_cap, _losses = train_components(data, vocab, comp_cfg, dev, show)
-    print(f"[{clock.fields()["wall_s"]:.0f}s] last losses: {_losses}")
+    print(f"[{clock.fields()['wall_s']:.0f}s] last losses: {_losses}")
 ckpt_sha = hashlib.sha256(b"".join(t.cpu().numpy().tobytes() for m in (lm, img_cap) for t in m.state_dict().values())).hexdigest()[:16]
 ic_scores = score_image_captioner(img_cap, data, vocab)
 print(f"image captioner on {heldout_images(n_images)} held-out images: " + ", ".join(f"{k} {v:.3f}" for k, v in ic_scores.items()))
@@ -1392,7 +1392,7 @@ asr_matched = matched_asr(clip_asr, pl_captions)
 g = {name: float(np.mean([grounding(c, e) for c, e in zip(texts, clip_events)]))
      for name, texts in (("pseudolabels", pl_captions), ("ASR-like", clip_asr), ("matched ASR-like", asr_matched))}
 g["gold"] = float(np.mean([grounding(c, e) for c, e in zip(data.gold_train_captions, data.gold_train_events)]))
-print(f"[{clock.fields()["wall_s"]:.0f}s] {len(pl_captions)} pseudolabelled clips; grounding (fraction of the event's object words named): "
+print(f"[{clock.fields()['wall_s']:.0f}s] {len(pl_captions)} pseudolabelled clips; grounding (fraction of the event's object words named): "
       + ", ".join(f"{k} {v:.2f}" for k, v in g.items()))
 print("text diversity: " + ", ".join(f"{k} {caption_diversity(t)}" for k, t in (("pseudolabels", pl_captions), ("ASR-like", clip_asr), ("matched ASR-like", asr_matched))))
 for e, p, a, m in list(zip(clip_events, pl_captions, clip_asr, asr_matched))[:4]:
@@ -1443,12 +1443,12 @@ def run_one(variant: str, s: int) -> dict:
     return train_and_score(lm, pools, gold_pool, val_set, test_set, vocab, s, mode=mode, device=dev, **run_kw)
 
 def _report(done, total, v, s):
-    if done % len(CONDITIONS) == 0: print(f"[{clock.fields()["wall_s"]:.0f}s] {done}/{total} runs done")
+    if done % len(CONDITIONS) == 0: print(f"[{clock.fields()['wall_s']:.0f}s] {done}/{total} runs done")
 R = paired_runs(run_one, list(CONDITIONS), run_seeds, config=dict(run_kw, sets=manifest["sets"], components=comp_cfg, ckpt=ckpt_sha),
                 cache_dir=cache_dir or None, workers=n_workers, progress=_report)
 for s in run_seeds:
     assert len({R[(v, s)]["init_sha"] for v in CONDITIONS if CONDITIONS[v][1] == "xattn"}) == 1, f"seed {s}: conditions start from different weights"
-print(f"[{clock.fields()["wall_s"]:.0f}s] {len(R)} runs; every cross-attention condition of a seed started from the same weights")
+print(f"[{clock.fields()['wall_s']:.0f}s] {len(R)} runs; every cross-attention condition of a seed started from the same weights")
 
 # %% [markdown]
 # ### Results per condition
