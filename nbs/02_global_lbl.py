@@ -64,7 +64,7 @@ _t_start = time.time()
 seed: int = 0  # first seed; runs use seed, seed+1, ... (model init, data order and token samples; paired across variants)
 progress: bool = True  # show progress bars
 n_seeds: int = 4  # paired seeds per variant
-steps: int = 300  # optimizer steps per run
+steps: int = 250  # optimizer steps per run (the default fits 10 min of an idle 2-core CPU)
 n_micro: int = 8  # micro-batches per optimizer step (gradient accumulation x data-parallel ranks)
 batch_size: int = 2  # sequences per micro-batch (the micro balance BSZ)
 seq_len: int = 64  # tokens per sequence
@@ -880,7 +880,7 @@ DEVIATIONS = [f"scale: {n_layers}-layer d={d_model} MoeLMs ({n_experts} experts,
 # %% [markdown]
 # ## Experiment
 #
-# The default (a 2-layer, d=64 MoeLM with 16 routed experts of width 32, top-4, one shared expert; 300 steps
+# The default (a 2-layer, d=64 MoeLM with 16 routed experts of width 32, top-4, one shared expert; 250 steps
 # of 8 micro-batches of 2×64 tokens; vocabulary 1024) runs `micro` and `global` at both coefficients and
 # `global_full`, `sampled` and `loss_free` at the primary one, for 4 paired seeds in 2 worker processes;
 # `full_grid` adds every single-process variant at both coefficients, `ddp` the 2-rank runs.
