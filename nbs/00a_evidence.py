@@ -529,8 +529,6 @@ def show_claims(claims: Sequence[Claim], # the notebook's claims, with estimates
 #| export
 REQUIRED = [f.name for f in dataclasses.fields(Claim)]
 PENDING = {  # notebook -> (issue that ports its claim check, the paper's headline claims)
-    "02_global_lbl.ipynb": (15, ["global-batch LBL lowers perplexity", "global-batch LBL increases domain specialisation",
-                                 "the gain comes from the diversity of the balancing statistics", "the synchronisation overhead is small"]),
     "03_moe_cpt.ipynb": (14, ["MoE routers do not worsen forgetting vs a dense model", "routing balance on the old distribution is kept",
                               "replay + LR re-warm/re-decay suffices", "CPT matches full re-training at a fraction of the cost",
                               "infinite schedules need no re-warm"]),

@@ -57,8 +57,8 @@ import matplotlib.pyplot as plt
 from fastcore.test import test_eq, test_ne, test_fail, test_close
 from moebook.core import record_metrics, pick_device
 from moebook.moe import load_balancing_loss
-from moebook.evidence import Claim, Precondition, paired_t, show_claims, forest_plot
-_t_start = time.time()
+from moebook.evidence import Claim, Precondition, paired_t, show_claims, forest_plot, RunClock
+_clock = RunClock()  # wall time, CPU time and load of the whole notebook, for the claim records
 
 # %% tags=["parameters"]
 seed: int = 0  # first seed; runs use seed, seed+1, ... (model init, data order and token samples; paired across variants)
@@ -1073,7 +1073,7 @@ params = dict(seed=seed, n_seeds=n_seeds, steps=steps, n_micro=n_micro, batch_si
               aux_loss_coef=aux_loss_coef, aux_loss_coef_high=aux_loss_coef_high, z_loss_coef=z_loss_coef, lr=lr,
               corpus_bytes=corpus_bytes, vocab_size=vocab_size, eval_batches=eval_batches, bias_update_rate=bias_update_rate,
               workers=workers, full_grid=full_grid, ddp=ddp, allreduce_ranks=allreduce_ranks)
-records = show_claims(claims, setting=setting, seeds=seeds, params=params, device=dev, wall_s=time.time() - _t_start)
+records = show_claims(claims, setting=setting, seeds=seeds, params=params, device=dev, **_clock.fields())
 record_metrics(experiment_s=experiment_s, cpu_s=cpu_s, n_params=n_params, predicted_overhead_pct=pred.tolist(),
                allreduce_seconds={str(w): {str(n): v for n, v in t.items()} for w, t in ar.items()},
                table=[{k: v for k, v in r.items()} for r in table])
