@@ -738,6 +738,7 @@ def time_allreduce(sizes: list[int], # int64 elements per all-reduce
 test_fail(lambda: time_allreduce([16], nproc=1), contains="nproc >= 2")
 test_fail(lambda: time_allreduce([0]), contains="sizes must be positive ints")
 
+
 # %% [markdown]
 # The torchrun path itself (2 gloo ranks) runs in the experiment below, and its equivalence with one process,
 # value and gradients, is tested in `tests/test_global_lbl.py`.
@@ -910,6 +911,7 @@ cpu_s = sum(r["cpu_s"] for k, r in results.items() if k[0] not in DP_VARIANTS)
 print(f"all runs: {experiment_s:.0f} s wall; {cpu_s:.0f} s CPU in the single-process runs (one thread each) "
       f"-> about {cpu_s / max(1, workers):.0f} s on an idle {max(1, workers)}-core machine")
 
+
 # %%
 #| slow
 def per_seed(key: str, variant: str, coef: float) -> np.ndarray:
@@ -963,6 +965,7 @@ for i, (v, c) in enumerate(others):
 ax.axhline(0, color="k", lw=0.8); ax.set_xticks(range(len(corpus.domains)), corpus.domains)
 ax.set(ylabel="Δ validation loss vs micro (nats)", title="per-domain validation loss, paired difference from micro"); ax.legend(fontsize=8, ncol=3)
 fig.tight_layout(); plt.show()
+
 
 # %% [markdown]
 # ### Per-domain expert selection frequency
