@@ -630,7 +630,7 @@ with tempfile.TemporaryDirectory() as d:
     (run / "metrics.json").write_text(json.dumps({"status": "ok", "metrics": {"claims": [{**demo[0], "verdict": "probably"}]}}))
     test_fail(lambda: read_claims(run), contains="not one of")
 test_fail(lambda: read_claims("nope.ipynb"), contains="no such file")
-print(ledger_markdown(demo + _pending("06_causal_world_models.ipynb")[:1]))
+display(Markdown(ledger_markdown(demo + _pending("06_causal_world_models.ipynb")[:1])))
 
 # %% [markdown]
 # ## A forest plot of the ledger

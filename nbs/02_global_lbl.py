@@ -58,6 +58,8 @@ from fastcore.test import test_eq, test_ne, test_fail, test_close
 from moebook.core import record_metrics, pick_device
 from moebook.moe import load_balancing_loss
 from moebook.evidence import Claim, Precondition, paired_t, show_claims, forest_plot, RunClock
+
+# %%
 _clock = RunClock()  # wall time, CPU time and load of the whole notebook, for the claim records
 
 # %% tags=["parameters"]

@@ -10,6 +10,7 @@ import nbformat
 import pytest
 
 from conftest import NBS, ROOT, notebooks
+from moebook.runner import read_parameters
 from moebook.site import build_site, readme_text, render_fallback, sidebar_entries
 
 
@@ -101,7 +102,7 @@ def test_pages_built_from_runs_say_which_run_and_how_long(tmp_path):
         shutil.copy2(NBS / name, run / name)
         (run / "metrics.json").write_text(json.dumps({
             "notebook": name, "run_id": run.name, "status": "ok", "started_at": "2026-01-01T00:00:00", "wall_time_s": seconds,
-            "overrides": overrides, "parameters": overrides, "metrics": {}, "git_commit": "0123456789abcdef", "git_dirty": False}))
+            "overrides": overrides, "parameters": {**{k: p.default for k, p in read_parameters(NBS / name).items()}, **overrides}, "metrics": {}, "git_commit": "0123456789abcdef", "git_dirty": False}))
     site = build_site(out=tmp_path / "site", runs_dir=runs, use_quarto=False, notebooks=["index.ipynb", "00_core.ipynb"])
     core, home = _text(site / "00_core.html"), _text(site / "index.html")
     assert ("Outputs of moebook run 20260101-000000-abc1234 (parameters: seed=0): ok in 3.5 min, "
