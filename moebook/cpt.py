@@ -187,9 +187,9 @@ def _fraction(name, v):
 class CPTConfig:
     "Every setting of one CPT experiment (corpus, model, schedules, evaluation, seed); checked when built."
     corpus: CPTCorpusSpec = field(default_factory=CPTCorpusSpec)
-    pretrain_steps: int = 1000   # optimizer steps on D1
-    cpt_steps: int = 400         # optimizer steps on D2 (+ replay of D1)
-    batch_size: int = 16         # sequences per step
+    pretrain_steps: int = 500    # optimizer steps on D1
+    cpt_steps: int = 200         # optimizer steps on D2 (+ replay of D1)
+    batch_size: int = 32         # sequences per step
     seq_len: int = 64            # tokens per sequence
     d_model: int = 32
     n_layers: int = 2
@@ -201,16 +201,16 @@ class CPTConfig:
     sinkhorn_tol: float = 0.01
     lr_max: float = 3e-3
     lr_min: float = 3e-4
-    warmup_steps: int = 100      # pre-training (and re-training) warmup
-    rewarm_steps: int = 40       # re-warm at the start of the continual phase
+    warmup_steps: int = 50       # pre-training (and re-training) warmup
+    rewarm_steps: int = 20       # re-warm at the start of the continual phase
     lr_const: float = 1.65e-3    # infinite schedule: constant LR (paper ratio 1.65e-4 / 3e-4 of the peak)
-    cooldown_steps: int = 333    # infinite schedule: cooldown from lr_max to lr_const
-    anneal_steps: int = 200      # infinite schedule: final anneal, the last steps of the continual phase
+    cooldown_steps: int = 166    # infinite schedule: cooldown from lr_max to lr_const
+    anneal_steps: int = 100      # infinite schedule: final anneal, the last steps of the continual phase
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    eval_every: int = 100        # held-out evaluation interval in pre-training / re-training
-    cpt_eval_every: int = 40     # ... and in the continual phase
-    eval_batches: int = 8        # held-out batches per domain
+    eval_every: int = 50         # held-out evaluation interval in pre-training / re-training
+    cpt_eval_every: int = 20     # ... and in the continual phase
+    eval_batches: int = 4        # held-out batches per domain
     retrain_replay: float = 0.3  # re-training gets the D1 and D2 tokens of pre-training + CPT at this replay
     seed: int = 0
     device: str = "cpu"
@@ -590,3 +590,10 @@ def start_mean(start: dict, prefix: str) -> float:
     vals = [v for k, v in start.items() if k.startswith(f"{prefix}_l") and k[len(prefix) + 2:].isdigit()]
     if not vals: raise KeyError(f"no per-layer values {prefix}_l*")
     return float(np.mean(vals))
+
+# %% ../nbs/03_moe_cpt.ipynb #5e0e141c
+def _cpt_job(variant: str, seed: int, cfg: dict, root: str, weights: dict, replays: Sequence[float], infinite_replay: float | None,
+             cache_dir: str | None) -> dict:
+    "fn(variant, seed) for `paired_runs`: `continue_variant` of one model and seed from its pre-trained weights."
+    c = CPTConfig(**{**cfg, "corpus": CPTCorpusSpec(**cfg["corpus"]), "seed": seed})
+    return continue_variant(c, variant, load_cpt_corpus(c.corpus, cache_dir), weights[f"{variant}-seed{seed}"], root, replays, infinite_replay)
