@@ -187,8 +187,8 @@ def _fraction(name, v):
 class CPTConfig:
     "Every setting of one CPT experiment (corpus, model, schedules, evaluation, seed); checked when built."
     corpus: CPTCorpusSpec = field(default_factory=CPTCorpusSpec)
-    pretrain_steps: int = 500    # optimizer steps on D1
-    cpt_steps: int = 200         # optimizer steps on D2 (+ replay of D1)
+    pretrain_steps: int = 200    # optimizer steps on D1
+    cpt_steps: int = 80          # optimizer steps on D2 (+ replay of D1)
     batch_size: int = 32         # sequences per step
     seq_len: int = 64            # tokens per sequence
     d_model: int = 32
@@ -201,15 +201,15 @@ class CPTConfig:
     sinkhorn_tol: float = 0.01
     lr_max: float = 3e-3
     lr_min: float = 3e-4
-    warmup_steps: int = 50       # pre-training (and re-training) warmup
-    rewarm_steps: int = 20       # re-warm at the start of the continual phase
+    warmup_steps: int = 20       # pre-training (and re-training) warmup
+    rewarm_steps: int = 8        # re-warm at the start of the continual phase
     lr_const: float = 1.65e-3    # infinite schedule: constant LR (paper ratio 1.65e-4 / 3e-4 of the peak)
-    cooldown_steps: int = 166    # infinite schedule: cooldown from lr_max to lr_const
-    anneal_steps: int = 100      # infinite schedule: final anneal, the last steps of the continual phase
+    cooldown_steps: int = 66     # infinite schedule: cooldown from lr_max to lr_const
+    anneal_steps: int = 40       # infinite schedule: final anneal, the last steps of the continual phase
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    eval_every: int = 50         # held-out evaluation interval in pre-training / re-training
-    cpt_eval_every: int = 20     # ... and in the continual phase
+    eval_every: int = 40         # held-out evaluation interval in pre-training / re-training
+    cpt_eval_every: int = 16     # ... and in the continual phase
     eval_batches: int = 4        # held-out batches per domain
     retrain_replay: float = 0.3  # re-training gets the D1 and D2 tokens of pre-training + CPT at this replay
     seed: int = 0
@@ -437,6 +437,8 @@ def pretrain_variant(cfg: CPTConfig, # the experiment (its seed is the run's see
                      variant: str, # one of VARIANTS
                      corpus: Corpus, # load_cpt_corpus(cfg.corpus)
                      root: str | Path, # phase checkpoints and the saved weights go to <root>/<variant>-seed<s>-<key>/
+                     plateau: bool = True, # also train 2x as long (the plateau precondition)
+                     infinite: bool = True, # also pre-train with the infinite schedule (non-decayed checkpoint)
                      d2_only: bool = False, # also train the D2-only model of the shift precondition
                      after_optimizer_step: Sequence[Callable[[], object]] = (), # hooks passed to every phase
                     ) -> dict:
@@ -452,9 +454,11 @@ def pretrain_variant(cfg: CPTConfig, # the experiment (its seed is the run's see
            "weights": {}}
     model = _fresh(cfg, variant, corpus); out["pretrain"] = phase("pretrain", d1_data, cfg.pretrain_schedule(P), P)
     out["weights"]["pretrain"] = str(save_weights(model, run / "pretrain.safetensors"))
-    model = _fresh(cfg, variant, corpus); out["pretrain_2x"] = phase("pretrain_2x", d1_data, cfg.pretrain_schedule(2 * P), 2 * P, P)
-    model = _fresh(cfg, variant, corpus); out["pretrain_infinite"] = phase("pretrain_infinite", d1_data, cfg.infinite_schedule(), P)
-    out["weights"]["pretrain_infinite"] = str(save_weights(model, run / "pretrain_infinite.safetensors"))
+    if plateau:
+        model = _fresh(cfg, variant, corpus); out["pretrain_2x"] = phase("pretrain_2x", d1_data, cfg.pretrain_schedule(2 * P), 2 * P, P)
+    if infinite:
+        model = _fresh(cfg, variant, corpus); out["pretrain_infinite"] = phase("pretrain_infinite", d1_data, cfg.infinite_schedule(), P)
+        out["weights"]["pretrain_infinite"] = str(save_weights(model, run / "pretrain_infinite.safetensors"))
     union = PhaseBatches(corpus, retrain_weights(cfg.d1, cfg.d2, P, C, cfg.retrain_replay), cfg.batch_size, cfg.seq_len, cfg.seed + 2)
     model = _fresh(cfg, variant, corpus); out["retrain"] = phase("retrain", union, cfg.retrain_schedule(), P + C)
     if d2_only:
@@ -504,29 +508,34 @@ def _thin(history: list[dict]) -> list[dict]:
     "A history without the per-step gradient norms (kept small for the repository)."
     return [{k: v for k, v in r.items() if k != "grad_norm"} for r in history]
 
-def _pretrain_job(variant: str, seed: int, cfg: dict, root: str, d2_only_variant: str, cache_dir: str | None) -> dict:
+def _pretrain_job(variant: str, seed: int, cfg: dict, root: str, first_seed: int, d2_only_variant: str, infinite_variants: Sequence[str],
+                  cache_dir: str | None) -> dict:
     "fn(variant, seed) for `paired_runs`: `pretrain_variant` of one model and seed."
     c = CPTConfig(**{**cfg, "corpus": CPTCorpusSpec(**cfg["corpus"]), "seed": seed})
-    return pretrain_variant(c, variant, load_cpt_corpus(c.corpus, cache_dir), root, d2_only=variant == d2_only_variant)
+    return pretrain_variant(c, variant, load_cpt_corpus(c.corpus, cache_dir), root, plateau=seed == first_seed,
+                            infinite=variant in infinite_variants, d2_only=variant == d2_only_variant)
 
 def pretrain_all(cfg: CPTConfig, variants: Sequence[str], seeds: Sequence[int], root: str | Path, workers: int = 1,
+                 infinite_variants: Sequence[str] = (), # models that also get the infinite-schedule pre-training
                  cache_dir: str | None = None, progress: Callable | None = None) -> dict[tuple[str, int], dict]:
-    "`pretrain_variant` for every (model, seed); the D2-only model is trained for the first model."
+    "`pretrain_variant` for every (model, seed); the plateau check runs on the first seed, the D2-only model for the first model."
     load_cpt_corpus(cfg.corpus, cache_dir)  # build once, before the workers look for it
-    fn = functools.partial(_pretrain_job, cfg=dataclasses.asdict(cfg), root=str(root), d2_only_variant=variants[0], cache_dir=cache_dir)
+    fn = functools.partial(_pretrain_job, cfg=dataclasses.asdict(cfg), root=str(root), first_seed=seeds[0], d2_only_variant=variants[0],
+                           infinite_variants=tuple(infinite_variants), cache_dir=cache_dir)
     return paired_runs(fn, list(variants), list(seeds), workers=workers, threads_per_worker=1, progress=progress)
 
 def make_checkpoints(cfg: CPTConfig, # the experiment (its seed is ignored: `seeds` are used)
                      variants: Sequence[str] = DEFAULT_VARIANTS, seeds: Sequence[int] = (0, 1, 2),
                      out_dir: str | Path = CHECKPOINT_DIR, # where the files and manifest.json go
                      workers: int = 2, # worker processes
+                     infinite_variants: Sequence[str] = ("switch_aux", "dense"), # models that also get the infinite-schedule pre-training
                      command: str = "", # the command that is running this (recorded in the manifest)
                     ) -> dict:
     "Train the from-scratch runs of every (model, seed) and commit-ready files into `out_dir`; returns the manifest."
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     prov, t0 = provenance(), time.time()
     with tempfile.TemporaryDirectory() as work:
-        res = pretrain_all(cfg, variants, seeds, work, workers)
+        res = pretrain_all(cfg, variants, seeds, work, workers, infinite_variants)
         files, runs = {}, {}
         for (v, s), r in res.items():
             stem = f"{v}-seed{s}-{r['key']}"
@@ -538,7 +547,8 @@ def make_checkpoints(cfg: CPTConfig, # the experiment (its seed is ignored: `see
             atomic_write_text(out_dir / f"{stem}.json", json.dumps({"params": r["params"], **hist}))
             runs[f"{v}-seed{s}"] = {"variant": v, "seed": s, "key": r["key"], "weights": w, "histories": f"{stem}.json"}
             for name in (*w.values(), f"{stem}.json"): files[name] = {"sha256": _sha256(out_dir / name), "bytes": (out_dir / name).stat().st_size}
-    manifest = {"command": command or f"make_checkpoints(CPTConfig(), {list(variants)}, {list(seeds)}, workers={workers})",
+    manifest = {"command": command or f"make_checkpoints(CPTConfig(), {list(variants)}, {list(seeds)}, workers={workers}, infinite_variants={list(infinite_variants)})",
+                "infinite_variants": list(infinite_variants),
                 "commit": prov["commit"], "dirty": prov["dirty"], "seconds": round(time.time() - t0, 1),
                 "config": dataclasses.asdict(cfg), "variants": list(variants), "seeds": list(seeds), "runs": runs, "files": files}
     atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
@@ -596,4 +606,5 @@ def _cpt_job(variant: str, seed: int, cfg: dict, root: str, weights: dict, repla
              cache_dir: str | None) -> dict:
     "fn(variant, seed) for `paired_runs`: `continue_variant` of one model and seed from its pre-trained weights."
     c = CPTConfig(**{**cfg, "corpus": CPTCorpusSpec(**cfg["corpus"]), "seed": seed})
-    return continue_variant(c, variant, load_cpt_corpus(c.corpus, cache_dir), weights[f"{variant}-seed{seed}"], root, replays, infinite_replay)
+    w = weights[f"{variant}-seed{seed}"]  # the infinite arm runs where its non-decayed checkpoint exists
+    return continue_variant(c, variant, load_cpt_corpus(c.corpus, cache_dir), w, root, replays, infinite_replay if "pretrain_infinite" in w else None)

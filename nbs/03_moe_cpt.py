@@ -26,8 +26,8 @@
 # - **a real, leak-free shift**: D1 (pre-training) and D2 (continual phase) are parameters; the default is
 #   English prose → generated arithmetic. Every D2 line that near-duplicates a D1 line is removed and counted,
 #   and a model trained on D2 alone must be ≥ 0.5 nats worse on D1 than the D1 model;
-# - **pre-training that has plateaued**: the models are small (vocabulary 512, width 32) and trained on many
-#   tokens per parameter; doubling pre-training must lower held-out D1 loss by < 1 %;
+# - **pre-training that has plateaued**: the models are small (vocabulary 512, width 32); doubling
+#   pre-training must lower held-out D1 loss by < 1 % (the tokens per parameter are printed below);
 # - **baselines**: the FLOP-matched dense model, re-training from scratch on D1 ∪ D2 with *the same* D1 and
 #   D2 token budgets as pre-training + CPT with replay, and the pre-trained model itself (no CPT).
 #
@@ -78,11 +78,12 @@ progress: bool = True  # show progress bars
 variants: str = "dense,switch_aux,switch_sinkhorn"  # models (comma-separated, or "all": the paper's five + switch_aux_sigmoid)
 replays: str = "0,0.3"  # replay fractions of D1 in the continual phase (comma-separated; the largest sets the re-training budget)
 infinite_replay: float = 0.3  # replay fraction of the infinite-schedule arm
+infinite_variants: str = "switch_aux,dense"  # models that also run the infinite-schedule arm (comma-separated, or "all")
 pretrain: bool = False  # train the pre-trained models and the baselines from scratch instead of loading data/cpt_checkpoints
 d1: str = "english"  # pre-training domain (a moebook.corpus domain)
 d2: str = "arithmetic"  # continual-phase domain; its lines that near-duplicate a D1 line are removed
-pretrain_steps: int = 500  # optimizer steps on D1 (the plateau check also trains 2x as long)
-cpt_steps: int = 200  # optimizer steps of the continual phase on D2 (+ replay)
+pretrain_steps: int = 200  # optimizer steps on D1 (the plateau check also trains 2x as long, first seed)
+cpt_steps: int = 80  # optimizer steps of the continual phase on D2 (+ replay)
 batch_size: int = 32  # sequences per optimizer step
 seq_len: int = 64  # tokens per sequence
 d_model: int = 32  # model width
@@ -92,8 +93,8 @@ d_ff: int = 64  # active FFN width per token (the dense model's FFN width)
 n_experts: int = 4  # Switch experts (DeepSeek-style: 4 * n_experts - 1 routed + 1 shared, top-3)
 lr_max: float = 3e-3  # peak learning rate (pre-training and re-warmed continual phase)
 lr_min: float = 3e-4  # final learning rate of the cosine decays
-eval_every: int = 50  # evaluate on held-out D1/D2 every this many pre-training steps
-cpt_eval_every: int = 20  # ... and every this many continual-phase steps
+eval_every: int = 40  # evaluate on held-out D1/D2 every this many pre-training steps
+cpt_eval_every: int = 16  # ... and every this many continual-phase steps
 eval_batches: int = 4  # held-out batches (of batch_size x seq_len) per domain
 vocab_size: int = 512  # BPE vocabulary of the CPT corpus (small: the embeddings stay a small share of the parameters)
 max_bytes_per_domain: int = 2_500_000  # text budget per domain (english holds about 2.2 MB)
@@ -372,8 +373,8 @@ def _fraction(name, v):
 class CPTConfig:
     "Every setting of one CPT experiment (corpus, model, schedules, evaluation, seed); checked when built."
     corpus: CPTCorpusSpec = field(default_factory=CPTCorpusSpec)
-    pretrain_steps: int = 500    # optimizer steps on D1
-    cpt_steps: int = 200         # optimizer steps on D2 (+ replay of D1)
+    pretrain_steps: int = 200    # optimizer steps on D1
+    cpt_steps: int = 80          # optimizer steps on D2 (+ replay of D1)
     batch_size: int = 32         # sequences per step
     seq_len: int = 64            # tokens per sequence
     d_model: int = 32
@@ -386,15 +387,15 @@ class CPTConfig:
     sinkhorn_tol: float = 0.01
     lr_max: float = 3e-3
     lr_min: float = 3e-4
-    warmup_steps: int = 50       # pre-training (and re-training) warmup
-    rewarm_steps: int = 20       # re-warm at the start of the continual phase
+    warmup_steps: int = 20       # pre-training (and re-training) warmup
+    rewarm_steps: int = 8        # re-warm at the start of the continual phase
     lr_const: float = 1.65e-3    # infinite schedule: constant LR (paper ratio 1.65e-4 / 3e-4 of the peak)
-    cooldown_steps: int = 166    # infinite schedule: cooldown from lr_max to lr_const
-    anneal_steps: int = 100      # infinite schedule: final anneal, the last steps of the continual phase
+    cooldown_steps: int = 66     # infinite schedule: cooldown from lr_max to lr_const
+    anneal_steps: int = 40       # infinite schedule: final anneal, the last steps of the continual phase
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    eval_every: int = 50         # held-out evaluation interval in pre-training / re-training
-    cpt_eval_every: int = 20     # ... and in the continual phase
+    eval_every: int = 40         # held-out evaluation interval in pre-training / re-training
+    cpt_eval_every: int = 16     # ... and in the continual phase
     eval_batches: int = 4        # held-out batches per domain
     retrain_replay: float = 0.3  # re-training gets the D1 and D2 tokens of pre-training + CPT at this replay
     seed: int = 0
@@ -463,7 +464,7 @@ class CPTConfig:
 
 # %%
 c = CPTConfig()
-test_eq(CPTConfig.scaled(500, 200), c)  # the defaults are the scaled schedule of the default phase lengths
+test_eq(CPTConfig.scaled(200, 80), c)  # the defaults are the scaled schedule of the default phase lengths
 sched = c.cosine_schedule()
 test_eq(sched.total_steps, c.pretrain_steps + c.cpt_steps)
 test_close(sched(c.pretrain_steps - 1), c.lr_min, eps=1e-6)                 # decayed before the shift
@@ -769,6 +770,8 @@ def pretrain_variant(cfg: CPTConfig, # the experiment (its seed is the run's see
                      variant: str, # one of VARIANTS
                      corpus: Corpus, # load_cpt_corpus(cfg.corpus)
                      root: str | Path, # phase checkpoints and the saved weights go to <root>/<variant>-seed<s>-<key>/
+                     plateau: bool = True, # also train 2x as long (the plateau precondition)
+                     infinite: bool = True, # also pre-train with the infinite schedule (non-decayed checkpoint)
                      d2_only: bool = False, # also train the D2-only model of the shift precondition
                      after_optimizer_step: Sequence[Callable[[], object]] = (), # hooks passed to every phase
                     ) -> dict:
@@ -784,9 +787,11 @@ def pretrain_variant(cfg: CPTConfig, # the experiment (its seed is the run's see
            "weights": {}}
     model = _fresh(cfg, variant, corpus); out["pretrain"] = phase("pretrain", d1_data, cfg.pretrain_schedule(P), P)
     out["weights"]["pretrain"] = str(save_weights(model, run / "pretrain.safetensors"))
-    model = _fresh(cfg, variant, corpus); out["pretrain_2x"] = phase("pretrain_2x", d1_data, cfg.pretrain_schedule(2 * P), 2 * P, P)
-    model = _fresh(cfg, variant, corpus); out["pretrain_infinite"] = phase("pretrain_infinite", d1_data, cfg.infinite_schedule(), P)
-    out["weights"]["pretrain_infinite"] = str(save_weights(model, run / "pretrain_infinite.safetensors"))
+    if plateau:
+        model = _fresh(cfg, variant, corpus); out["pretrain_2x"] = phase("pretrain_2x", d1_data, cfg.pretrain_schedule(2 * P), 2 * P, P)
+    if infinite:
+        model = _fresh(cfg, variant, corpus); out["pretrain_infinite"] = phase("pretrain_infinite", d1_data, cfg.infinite_schedule(), P)
+        out["weights"]["pretrain_infinite"] = str(save_weights(model, run / "pretrain_infinite.safetensors"))
     union = PhaseBatches(corpus, retrain_weights(cfg.d1, cfg.d2, P, C, cfg.retrain_replay), cfg.batch_size, cfg.seq_len, cfg.seed + 2)
     model = _fresh(cfg, variant, corpus); out["retrain"] = phase("retrain", union, cfg.retrain_schedule(), P + C)
     if d2_only:
@@ -871,29 +876,34 @@ def _thin(history: list[dict]) -> list[dict]:
     "A history without the per-step gradient norms (kept small for the repository)."
     return [{k: v for k, v in r.items() if k != "grad_norm"} for r in history]
 
-def _pretrain_job(variant: str, seed: int, cfg: dict, root: str, d2_only_variant: str, cache_dir: str | None) -> dict:
+def _pretrain_job(variant: str, seed: int, cfg: dict, root: str, first_seed: int, d2_only_variant: str, infinite_variants: Sequence[str],
+                  cache_dir: str | None) -> dict:
     "fn(variant, seed) for `paired_runs`: `pretrain_variant` of one model and seed."
     c = CPTConfig(**{**cfg, "corpus": CPTCorpusSpec(**cfg["corpus"]), "seed": seed})
-    return pretrain_variant(c, variant, load_cpt_corpus(c.corpus, cache_dir), root, d2_only=variant == d2_only_variant)
+    return pretrain_variant(c, variant, load_cpt_corpus(c.corpus, cache_dir), root, plateau=seed == first_seed,
+                            infinite=variant in infinite_variants, d2_only=variant == d2_only_variant)
 
 def pretrain_all(cfg: CPTConfig, variants: Sequence[str], seeds: Sequence[int], root: str | Path, workers: int = 1,
+                 infinite_variants: Sequence[str] = (), # models that also get the infinite-schedule pre-training
                  cache_dir: str | None = None, progress: Callable | None = None) -> dict[tuple[str, int], dict]:
-    "`pretrain_variant` for every (model, seed); the D2-only model is trained for the first model."
+    "`pretrain_variant` for every (model, seed); the plateau check runs on the first seed, the D2-only model for the first model."
     load_cpt_corpus(cfg.corpus, cache_dir)  # build once, before the workers look for it
-    fn = functools.partial(_pretrain_job, cfg=dataclasses.asdict(cfg), root=str(root), d2_only_variant=variants[0], cache_dir=cache_dir)
+    fn = functools.partial(_pretrain_job, cfg=dataclasses.asdict(cfg), root=str(root), first_seed=seeds[0], d2_only_variant=variants[0],
+                           infinite_variants=tuple(infinite_variants), cache_dir=cache_dir)
     return paired_runs(fn, list(variants), list(seeds), workers=workers, threads_per_worker=1, progress=progress)
 
 def make_checkpoints(cfg: CPTConfig, # the experiment (its seed is ignored: `seeds` are used)
                      variants: Sequence[str] = DEFAULT_VARIANTS, seeds: Sequence[int] = (0, 1, 2),
                      out_dir: str | Path = CHECKPOINT_DIR, # where the files and manifest.json go
                      workers: int = 2, # worker processes
+                     infinite_variants: Sequence[str] = ("switch_aux", "dense"), # models that also get the infinite-schedule pre-training
                      command: str = "", # the command that is running this (recorded in the manifest)
                     ) -> dict:
     "Train the from-scratch runs of every (model, seed) and commit-ready files into `out_dir`; returns the manifest."
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     prov, t0 = provenance(), time.time()
     with tempfile.TemporaryDirectory() as work:
-        res = pretrain_all(cfg, variants, seeds, work, workers)
+        res = pretrain_all(cfg, variants, seeds, work, workers, infinite_variants)
         files, runs = {}, {}
         for (v, s), r in res.items():
             stem = f"{v}-seed{s}-{r['key']}"
@@ -905,7 +915,8 @@ def make_checkpoints(cfg: CPTConfig, # the experiment (its seed is ignored: `see
             atomic_write_text(out_dir / f"{stem}.json", json.dumps({"params": r["params"], **hist}))
             runs[f"{v}-seed{s}"] = {"variant": v, "seed": s, "key": r["key"], "weights": w, "histories": f"{stem}.json"}
             for name in (*w.values(), f"{stem}.json"): files[name] = {"sha256": _sha256(out_dir / name), "bytes": (out_dir / name).stat().st_size}
-    manifest = {"command": command or f"make_checkpoints(CPTConfig(), {list(variants)}, {list(seeds)}, workers={workers})",
+    manifest = {"command": command or f"make_checkpoints(CPTConfig(), {list(variants)}, {list(seeds)}, workers={workers}, infinite_variants={list(infinite_variants)})",
+                "infinite_variants": list(infinite_variants),
                 "commit": prov["commit"], "dirty": prov["dirty"], "seconds": round(time.time() - t0, 1),
                 "config": dataclasses.asdict(cfg), "variants": list(variants), "seeds": list(seeds), "runs": runs, "files": files}
     atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
@@ -934,12 +945,13 @@ def committed_pretraining(cfg: CPTConfig, variants: Sequence[str], seeds: Sequen
 
 # %%
 with tempfile.TemporaryDirectory() as d:
-    man = make_checkpoints(small_cpt, ["dense", "switch_aux"], [1], d, workers=1, command="test")
+    man = make_checkpoints(small_cpt, ["dense", "switch_aux"], [1], d, workers=1, infinite_variants=["switch_aux"], command="test")
     test_eq(sorted(man["runs"]), ["dense-seed1", "switch_aux-seed1"])
     got = committed_pretraining(small_cpt, ["dense", "switch_aux"], [1], d)
     again = pretrain_variant(dataclasses.replace(small_cpt, seed=1), "switch_aux", tiny_corpus, d + "/x")
     test_eq(got[("switch_aux", 1)]["pretrain"][-1]["eval_d1_loss"], again["pretrain"][-1]["eval_d1_loss"])  # same run, same loss
     assert "d2_only" in got[("dense", 1)] and "d2_only" not in got[("switch_aux", 1)]  # the D2-only model: first model only
+    assert "pretrain_infinite" in got[("switch_aux", 1)]["weights"] and "pretrain_infinite" not in got[("dense", 1)]["weights"]
     test_fail(lambda: committed_pretraining(dataclasses.replace(small_cpt, weight_decay=0.05), ["dense"], [1], d), contains="run with pretrain=True")
     name = man["runs"]["dense-seed1"]["weights"]["pretrain"]
     Path(d, name).write_bytes(Path(d, name).read_bytes()[:-4] + b"\0\0\0\0")
@@ -998,7 +1010,8 @@ def _cpt_job(variant: str, seed: int, cfg: dict, root: str, weights: dict, repla
              cache_dir: str | None) -> dict:
     "fn(variant, seed) for `paired_runs`: `continue_variant` of one model and seed from its pre-trained weights."
     c = CPTConfig(**{**cfg, "corpus": CPTCorpusSpec(**cfg["corpus"]), "seed": seed})
-    return continue_variant(c, variant, load_cpt_corpus(c.corpus, cache_dir), weights[f"{variant}-seed{seed}"], root, replays, infinite_replay)
+    w = weights[f"{variant}-seed{seed}"]  # the infinite arm runs where its non-decayed checkpoint exists
+    return continue_variant(c, variant, load_cpt_corpus(c.corpus, cache_dir), w, root, replays, infinite_replay if "pretrain_infinite" in w else None)
 
 
 # %% [markdown]
@@ -1038,6 +1051,9 @@ run_variants = list(VARIANTS) if variants.strip() == "all" else [s.strip() for s
 if bad := [v for v in run_variants if v not in VARIANTS]: raise ValueError(f"variants: unknown {bad}; choose from {VARIANTS} or 'all'")
 if "dense" not in run_variants or len(run_variants) < 2: raise ValueError(f"variants must include dense and at least one MoE, got {run_variants}")
 moe_variants = [v for v in run_variants if v != "dense"]
+inf_variants = [v for v in run_variants if v in ([s.strip() for s in infinite_variants.split(",")] if infinite_variants.strip() != "all" else run_variants)]
+inf_variants = [v for v in moe_variants if v in inf_variants] + (["dense"] if "dense" in inf_variants else [])  # MoEs first: the primary row
+if not inf_variants: raise ValueError(f"infinite_variants must name at least one of {run_variants}, got {infinite_variants!r}")
 try: replay_list = sorted({float(s) for s in replays.split(",") if s.strip()})
 except ValueError: raise ValueError(f"replays must be comma-separated numbers, got {replays!r}") from None
 for r in replay_list + [infinite_replay]: replay_weights("d1", "d2", r)
@@ -1067,7 +1083,7 @@ claims_def = {
 claims_def.update({f"5{'abcdefgh'[i]}": Claim(NB, f"5{'abcdefgh'[i]}", "infinite schedules need no re-warm: CPT from a non-decayed checkpoint",
                                             f"mean(D1, D2) loss after CPT at replay {infinite_replay:g}: infinite schedule - cosine re-warm (nats)",
                                             "decrease", f"{v} infinite", f"{v} re-warm", kind="non-inferiority", margin=INFINITE_MARGIN, primary=i == 0)
-                   for i, v in enumerate(moe_variants + ["dense"])})
+                   for i, v in enumerate(inf_variants)})
 print(f"{len(claims_def)} ledger rows: " + ", ".join(claims_def))
 
 # %% [markdown]
@@ -1105,9 +1121,11 @@ workers_used = 1 if dev.startswith("cuda") else workers
 root = Path(ckpt_root) if ckpt_root else Path(tempfile.mkdtemp(prefix="moebook-cpt-"))
 t0 = time.time()
 if pretrain:
-    pre = pretrain_all(cfg, run_variants, seeds, root / "pretrain", workers_used)
+    pre = pretrain_all(cfg, run_variants, seeds, root / "pretrain", workers_used, inf_variants)
 else:
     pre = committed_pretraining(cfg, run_variants, seeds)
+    if missing := [v for v in inf_variants if "pretrain_infinite" not in pre[(v, seeds[0])]["weights"]]:
+        raise ValueError(f"the committed checkpoints hold no infinite-schedule pre-training of {missing}: run with pretrain=True")
     made = json.loads((CHECKPOINT_DIR / "manifest.json").read_text())
     print(f"pre-trained checkpoints: data/cpt_checkpoints, made by `{made['command']}` at commit {made['commit']} (dirty={made['dirty']}) "
           f"in {made['seconds']:.0f} s")
@@ -1133,9 +1151,10 @@ rows = {}
 for (v, s), r in res.items():
     p = pre[(v, s)]
     row = {"d1_pt": r["start"]["d1_loss"], "d2_pt": r["start"]["d2_loss"],
-           "plateau_pct": 100 * (final_eval(p["pretrain"], "d1_loss") - final_eval(p["pretrain_2x"], "d1_loss")) / final_eval(p["pretrain"], "d1_loss"),
            "d1_rt": final_eval(p["retrain"], "d1_loss"), "d2_rt": final_eval(p["retrain"], "d2_loss")}
     row["mean_pt"], row["mean_rt"] = 0.5 * (row["d1_pt"] + row["d2_pt"]), 0.5 * (row["d1_rt"] + row["d2_rt"])
+    if "pretrain_2x" in p:
+        row["plateau_pct"] = 100 * (final_eval(p["pretrain"], "d1_loss") - final_eval(p["pretrain_2x"], "d1_loss")) / final_eval(p["pretrain"], "d1_loss")
     if "d2_only" in p: row["shift"] = final_eval(p["d2_only"], "d1_loss") - final_eval(p["pretrain"], "d1_loss")
     for rep in replay_list:
         h, t = r[f"cpt_{_tag(rep)}"], _tag(rep)
@@ -1144,21 +1163,22 @@ for (v, s), r in res.items():
         if v != "dense":
             row.update({f"vio_{t}": float(layer_mean(h, "d1_maxvio")[1][-1]), f"viotr_{t}": float(layer_mean(h, "d1_maxvio_train")[1][-1]),
                         f"viopeak_{t}": float(layer_mean(h, "d1_maxvio")[1].max()), f"drift_{t}": float(layer_mean(h, "drift")[1][-1])})
-    hi = r[f"cpt_infinite_{_tag(infinite_replay)}"]
-    row.update({"d1_inf_pt": r["start_infinite"]["d1_loss"], "d1_inf": final_eval(hi, "d1_loss"), "d2_inf": final_eval(hi, "d2_loss"),
-                "mean_inf": mean_d(hi, "mean")})
+    if "start_infinite" in r:
+        hi = r[f"cpt_infinite_{_tag(infinite_replay)}"]
+        row.update({"d1_inf_pt": r["start_infinite"]["d1_loss"], "d1_inf": final_eval(hi, "d1_loss"), "d2_inf": final_eval(hi, "d2_loss"),
+                    "mean_inf": mean_d(hi, "mean")})
     if v != "dense":
         row.update({"vio_pt": start_mean(r["start"], "d1_maxvio"), "viotr_pt": start_mean(r["start"], "d1_maxvio_train"),
                     "gate_pt": start_mean(r["start"], "d1_gate")})
     rows[(v, s)] = row
-M = lambda v, k: np.array([rows[(v, s)][k] for s in seeds])
+M = lambda v, k: np.array([rows[(v, s)].get(k, np.nan) for s in seeds])  # NaN where a run was not made (plateau: first seed only)
 t0_, th = _tag(0), _tag(r_hi)
 cols = ["d1_pt", "d2_pt", f"forget_{t0_}", f"forget_{th}", f"d2_{th}", f"mean_{th}", "d1_rt", "d2_rt", "mean_rt", "mean_inf", "plateau_pct"]
 print(f"{'model':20s}" + "".join(f"{c:>16s}" for c in cols))
 for v in run_variants:
-    print(f"{v:20s}" + "".join(f"{M(v, c).mean():9.3f} ±{M(v, c).std(ddof=1):<5.3f}" for c in cols))
+    print(f"{v:20s}" + "".join(f"{np.nanmean(M(v, c)):9.3f} ±{np.nanstd(M(v, c), ddof=1) if np.isfinite(M(v, c)).sum() > 1 else 0:<5.3f}" for c in cols))
 print(f"(mean ± sd over seeds {seeds}; pt = pre-trained (no CPT), rt = re-training from scratch on D1 ∪ D2 with the D1/D2 tokens of "
-      f"pre-training + CPT at replay {r_hi:g}, inf = infinite-schedule arm at replay {infinite_replay:g}; plateau_pct = D1 loss gain (%) of 2x pre-training)")
+      f"pre-training + CPT at replay {r_hi:g}, inf = infinite-schedule arm at replay {infinite_replay:g}; plateau_pct = D1 loss gain (%) of 2x pre-training, seed {seeds[0]})")
 print(f"shift: D2-only model's D1 loss - D1 model's: " + ", ".join(f"seed {s}: {rows[(run_variants[0], s)]['shift']:.2f}" for s in seeds) + " nats")
 print("routing (MoEs, D1, mean over layers): " + "; ".join(
     f"{v}: max-violation pre-trained {M(v, 'vio_pt').mean():.2f} -> after CPT r=0 {M(v, f'vio_{t0_}').mean():.2f} (peak {M(v, f'viopeak_{t0_}').mean():.2f}), "
@@ -1186,7 +1206,7 @@ for j, rep in enumerate([0.0, r_hi]):
             s0, l0 = mean_curve(v, "pretrain", f"{dom}_loss", src="pre"); s1, l1 = mean_curve(v, f"cpt_{_tag(rep)}", f"{dom}_loss", P)
             ax.plot(np.r_[s0, s1], np.r_[l0, l1], color=colors[v], label=v)
             ax.plot(*mean_curve(v, "retrain", f"{dom}_loss", src="pre"), color=colors[v], ls="--", lw=1)
-            if rep == infinite_replay:
+            if rep == infinite_replay and v in inf_variants:
                 s0, l0 = mean_curve(v, "pretrain_infinite", f"{dom}_loss", src="pre"); s1, l1 = mean_curve(v, f"cpt_infinite_{_tag(rep)}", f"{dom}_loss", P)
                 ax.plot(np.r_[s0, s1], np.r_[l0, l1], color=colors[v], ls="-.", lw=1)
         ax.axvline(P, color="grey", ls=":", lw=1); ax.axvspan(P, P + cfg.rewarm_steps, color="orange", alpha=0.15, lw=0)
@@ -1251,8 +1271,8 @@ fig.tight_layout(); plt.show()
 
 # %%
 #| slow
-plateau = lambda vs: Precondition("pre-training plateaued: D1 loss gain from doubling pre-training (%, worst model and seed)",
-                                  float(max(M(v, "plateau_pct").max() for v in vs)), "<", PLATEAU_MAX_PCT)
+plateau = lambda vs: Precondition(f"pre-training plateaued: D1 loss gain from doubling pre-training (%, worst model, seed {seeds[0]})",
+                                  float(max(rows[(v, seeds[0])]["plateau_pct"] for v in vs)), "<", PLATEAU_MAX_PCT)
 shift = Precondition(f"real shift: D1 loss of a D2-only model - of the D1 model (nats, mean over seeds, {run_variants[0]})",
                      float(M(run_variants[0], "shift").mean()), ">=", SHIFT_MIN)
 leak = Precondition("leak-free: D2 lines near-duplicating a D1 line after the removal", float(nd["left_after"]), "<=", 0)
@@ -1275,7 +1295,7 @@ for i, v in enumerate(moe_variants):
         bl[f"{cid}{k}"] = {f"{m} gap to re-training": float(gap(m, key).mean()) for m in ("dense", v)} | {
             f"{m} re-training": float(M(m, f"{key}_rt").mean()) for m in ("dense", v)} | {
             f"{m} no CPT (pre-trained)": float(M(m, f"{key}_pt").mean()) for m in ("dense", v)} | {"CPT cost / re-training cost": C / (P + C)}
-for i, v in enumerate(moe_variants + ["dense"]):
+for i, v in enumerate(inf_variants):
     k = "abcdefgh"[i]; ti = _tag(infinite_replay)
     est[f"5{k}"] = paired_t(M(v, "mean_inf"), M(v, f"mean_{ti}")); pre_c[f"5{k}"] = base([v])
     bl[f"5{k}"] = {"cosine re-warm": float(M(v, f"mean_{ti}").mean()), "infinite": float(M(v, "mean_inf").mean()),
@@ -1289,7 +1309,8 @@ DEVIATIONS = [f"scale: {n_layers}-layer d={d_model} models, {n_params['dense']['
               f"protocol: {len(seeds)} paired seeds, paired-t CIs; replay {r_hi:g} sets the re-training token budgets (equal D1 and D2 tokens); "
               f"top-1 gate scale differs by router (softmax probability vs sigmoid): switch_aux_sigmoid controls it when run"]
 claims = [dataclasses.replace(c, preconditions=pre_c[k], baselines=bl[k], deviations=DEVIATIONS).with_estimate(est[k]) for k, c in claims_def.items()]
-run_params = dict(seed=seed, n_seeds=n_seeds, variants=variants, replays=replays, infinite_replay=infinite_replay, pretrain=pretrain, d1=d1, d2=d2,
+run_params = dict(seed=seed, n_seeds=n_seeds, variants=variants, replays=replays, infinite_replay=infinite_replay,
+                  infinite_variants=infinite_variants, pretrain=pretrain, d1=d1, d2=d2,
                   pretrain_steps=pretrain_steps, cpt_steps=cpt_steps, batch_size=batch_size, seq_len=seq_len, d_model=d_model, n_layers=n_layers,
                   n_heads=n_heads, d_ff=d_ff, n_experts=n_experts, lr_max=lr_max, lr_min=lr_min, eval_every=eval_every,
                   cpt_eval_every=cpt_eval_every, eval_batches=eval_batches, vocab_size=vocab_size, max_bytes_per_domain=max_bytes_per_domain,
@@ -1313,9 +1334,9 @@ forest_plot(records); plt.tight_layout(); plt.show()
 # leak count from the corpus build. A failed precondition turns a row into `not testable here` while
 # keeping its numbers in the table; a wide CI (few seeds) turns it into `inconclusive`.
 #
-# **What it cannot show.** Our models have ~50 k active parameters and see about 1 M tokens: they are
-# capacity-bound, so "plateaued" means the tiny model has learned what it can, not the paper's regime of
-# 500M-parameter models far from saturation. The domains are synthetic or narrow (CPython docstrings vs
+# **What it cannot show.** Our models have ~50 k active parameters and see a few hundred thousand tokens
+# (the default had to fit a shared, busy 2-core machine); even where they plateau, "plateaued" means the tiny model
+# has learned what it can, not the paper's regime of 500M-parameter models far from saturation. The domains are synthetic or narrow (CPython docstrings vs
 # generated arithmetic), and the arithmetic shift is far larger than English → code or German; forgetting
 # without replay is therefore severe for every model, which makes claim 1 a test of *relative* forgetting.
 # Three seeds give MDEs of a few hundredths of a nat; smaller true differences need the scale-up line.
