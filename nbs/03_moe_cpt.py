@@ -331,7 +331,7 @@ def load_cpt_corpus(spec: CPTCorpusSpec, # what to build
 
 # %%
 tiny_spec = CPTCorpusSpec(d1="english", d2="code", max_bytes_per_domain=60_000, max_doc_bytes=4096, vocab_size=400, tokenizer_sample_bytes=30_000)
-tiny_corpus = load_cpt_corpus(tiny_spec, Path(tempfile.mkdtemp()))
+tiny_corpus = load_cpt_corpus(tiny_spec)  # built once into the cache
 nd = tiny_corpus.manifest["near_duplicates"]
 print(tiny_corpus, nd)
 test_eq(tiny_corpus.domains, ("english", "code")); test_eq(nd["left_after"], 0)
@@ -945,17 +945,16 @@ def committed_pretraining(cfg: CPTConfig, variants: Sequence[str], seeds: Sequen
 
 # %%
 with tempfile.TemporaryDirectory() as d:
-    man = make_checkpoints(small_cpt, ["dense", "switch_aux"], [1], d, workers=1, infinite_variants=["switch_aux"], command="test")
-    test_eq(sorted(man["runs"]), ["dense-seed1", "switch_aux-seed1"])
-    got = committed_pretraining(small_cpt, ["dense", "switch_aux"], [1], d)
-    again = pretrain_variant(dataclasses.replace(small_cpt, seed=1), "switch_aux", tiny_corpus, d + "/x")
-    test_eq(got[("switch_aux", 1)]["pretrain"][-1]["eval_d1_loss"], again["pretrain"][-1]["eval_d1_loss"])  # same run, same loss
-    assert "d2_only" in got[("dense", 1)] and "d2_only" not in got[("switch_aux", 1)]  # the D2-only model: first model only
-    assert "pretrain_infinite" in got[("switch_aux", 1)]["weights"] and "pretrain_infinite" not in got[("dense", 1)]["weights"]
-    test_fail(lambda: committed_pretraining(dataclasses.replace(small_cpt, weight_decay=0.05), ["dense"], [1], d), contains="run with pretrain=True")
-    name = man["runs"]["dense-seed1"]["weights"]["pretrain"]
+    man = make_checkpoints(small_cpt, ["dense", "switch_sinkhorn"], [0], d, workers=1, infinite_variants=["switch_sinkhorn"], command="test")
+    test_eq(sorted(man["runs"]), ["dense-seed0", "switch_sinkhorn-seed0"])
+    got = committed_pretraining(small_cpt, ["dense", "switch_sinkhorn"], [0], d)
+    test_eq(got[("switch_sinkhorn", 0)]["pretrain"][-1]["eval_d1_loss"], pre["pretrain"][-1]["eval_d1_loss"])  # the run above, again
+    assert "d2_only" in got[("dense", 0)] and "d2_only" not in got[("switch_sinkhorn", 0)]  # the D2-only model: first model only
+    assert "pretrain_infinite" in got[("switch_sinkhorn", 0)]["weights"] and "pretrain_infinite" not in got[("dense", 0)]["weights"]
+    test_fail(lambda: committed_pretraining(dataclasses.replace(small_cpt, weight_decay=0.05), ["dense"], [0], d), contains="run with pretrain=True")
+    name = man["runs"]["dense-seed0"]["weights"]["pretrain"]
     Path(d, name).write_bytes(Path(d, name).read_bytes()[:-4] + b"\0\0\0\0")
-    test_fail(lambda: committed_pretraining(small_cpt, ["dense"], [1], d), contains="sha256 differs")
+    test_fail(lambda: committed_pretraining(small_cpt, ["dense"], [0], d), contains="sha256 differs")
 
 
 # %% [markdown]
@@ -1116,7 +1115,7 @@ print(f"near-duplicate lines: {nd['d1_val_lines_in_d2_train_before']} of {nd['d1
       f"removed from D2 {nd['removed_from_d2']}; left {nd['left_after']}")
 for v, p in n_params.items():
     print(f"{v:20s} params total {p['total']:>7,} active {p['active']:>7,} (embeddings {2 * corpus.vocab_size * d_model:,}); "
-          f"pre-training {tokens_pt:,} tokens = {tokens_pt / p['total']:.0f} per parameter ({tokens_pt / p['active']:.0f} per active)")
+          f"pre-training {tokens_pt:,} tokens = {tokens_pt / p['total']:.1f} per parameter ({tokens_pt / p['active']:.1f} per active)")
 workers_used = 1 if dev.startswith("cuda") else workers
 root = Path(ckpt_root) if ckpt_root else Path(tempfile.mkdtemp(prefix="moebook-cpt-"))
 t0 = time.time()
