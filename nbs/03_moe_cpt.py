@@ -67,6 +67,7 @@ from moebook.core import pick_device, record_metrics
 from moebook.moe import MoEConfig, MoELayer, routing_stats
 from moebook.schedules import schedule_values
 from moebook.evidence import Claim, Precondition, paired_t, show_claims, forest_plot, RunClock
+from scipy import stats
 
 # %%
 _clock = RunClock()  # wall time, CPU time and load of the whole notebook, for the claim records
@@ -1100,7 +1101,7 @@ seeds = list(range(seed, seed + n_seeds))
 dev = str(pick_device(device))
 spec = CPTCorpusSpec(d1=d1, d2=d2, max_bytes_per_domain=max_bytes_per_domain, vocab_size=vocab_size)
 cfg = CPTConfig.scaled(pretrain_steps, cpt_steps, corpus=spec, batch_size=batch_size, seq_len=seq_len, d_model=d_model, n_layers=n_layers,
-                       n_heads=n_heads, d_ff=d_ff, n_experts=n_experts, lr_max=lr_max, lr_min=lr_min, lr_const=max(lr_min, 0.55 * lr_max),
+                       n_heads=n_heads, d_ff=d_ff, n_experts=n_experts, lr_max=lr_max, lr_min=lr_min, lr_const=max(lr_min, round(0.55 * lr_max, 12)),
                        eval_every=eval_every, cpt_eval_every=cpt_eval_every, eval_batches=eval_batches, retrain_replay=r_hi, seed=seed,
                        device=dev, progress=False)
 corpus = load_cpt_corpus(spec)
@@ -1221,7 +1222,6 @@ axes[0, 0].legend(fontsize=8); fig.tight_layout(); plt.show()
 
 # %%
 #| slow
-from scipy import stats
 def t_ci(x): x = np.asarray(x, float); return stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
 fig, (a0, a1) = plt.subplots(1, 2, figsize=(12, 3.6))
 w = 0.8 / len(run_variants)
