@@ -265,6 +265,7 @@ test_fail(lambda: CPTCorpusSpec(d2="english"), contains="d1 and d2 must differ")
 test_fail(lambda: CPTCorpusSpec(d2="german"), contains="unknown domain 'german'")
 test_ne(CPTCorpusSpec().key(), CPTCorpusSpec(vocab_size=1024).key())
 
+
 # %% [markdown]
 # `build_cpt_corpus` writes the corpus (token streams `<domain>.<split>.npy`, `tokenizer.json`, `manifest.json`
 # with the leak counts: the D1-validation lines found in D2-train before the removal, the D2 lines removed,
@@ -689,6 +690,7 @@ test_eq(ra["d1_maxvio_train_l0"], ra["d1_maxvio_l0"])  # softmax top-k: training
 assert ra["d1_gate_l0"] < 0.4  # a top-1 softmax probability over 4 experts at initialisation: about 1/4
 test_eq(set(CPTEvaluator(tiny_corpus, "english", "code", 1, 4, 16)(MoeLM(small_cpt.model_config("dense", 400)))), {"d1_loss", "d2_loss"})
 
+
 # %% [markdown]
 # ## The phase driver
 #
@@ -856,7 +858,6 @@ with tempfile.TemporaryDirectory() as d:
     test_eq(again, pre); assert time.time() - t0 < first_s
 test_fail(lambda: continue_variant(small_cpt, "dense", tiny_corpus, {}, "/tmp", replays=(1.5,)), contains="replay must be a fraction")
 
-
 # %% [markdown]
 # ## Committed pre-trained checkpoints
 #
@@ -999,6 +1000,7 @@ test_close(layer_mean(h, "d1_mri")[1], [0.4, 0.6], eps=1e-12)
 test_close(start_mean({"d1_mri_l0": 0.5, "d1_mri_l1": 0.3, "d1_mri_train_l0": 9.0}, "d1_mri"), 0.4, eps=1e-12)
 test_fail(lambda: eval_curve(h, "d2_loss"), contains="no evaluation record has 'd2_loss'")
 
+
 # %% [markdown]
 # `_cpt_job` is the `fn(variant, seed)` of `paired_runs` for the continual phases: every model of a seed
 # starts from its own pre-trained weights, and every model sees the same CPT batches (seeded by the seed
@@ -1138,6 +1140,7 @@ res = paired_runs(fn, run_variants, seeds, workers=workers_used, threads_per_wor
 cpt_s = time.time() - t0
 print(f"{'pre-training' if pretrain else 'loading'}: {pretrain_s:.0f} s; continual phases of {len(res)} (model, seed) runs: {cpt_s:.0f} s wall")
 
+
 # %% [markdown]
 # ### Per-seed measurements
 #
@@ -1212,6 +1215,7 @@ for j, rep in enumerate([0.0, r_hi]):
         ax.axvline(P, color="grey", ls=":", lw=1); ax.axvspan(P, P + cfg.rewarm_steps, color="orange", alpha=0.15, lw=0)
         ax.set(title=f"{'D1 ' + d1 if dom == 'd1' else 'D2 ' + d2} held-out loss, CPT replay {rep:g}", xlabel="global step", ylabel="loss (nats)")
 axes[0, 0].legend(fontsize=8); fig.tight_layout(); plt.show()
+
 
 # %% [markdown]
 # ### Forgetting by replay
