@@ -893,8 +893,13 @@ class CausalWorldModel:
         return step, lambda states: self.decode(torch.stack(states))
 
 def lm_simulator(model, tok: WordTokenizer):
-    "step/decode for `mcts_plan` with the LM as its own world model; a state is a description."
-    step = lambda states, actions: lm_next_states(model, tok, states, [canonical_action_text(a) for a in actions])
+    "step/decode for `mcts_plan` with the LM as its own world model; a state is a description (greedy, so memoised)."
+    memo = {}
+    def step(states, actions):
+        keys = list(zip(states, actions))
+        todo = [k for k in dict.fromkeys(keys) if k not in memo]
+        if todo: memo.update(zip(todo, lm_next_states(model, tok, [s for s, _ in todo], [canonical_action_text(a) for _, a in todo])))
+        return [memo[k] for k in keys]
     return step, lambda states: np.stack([parse_state(s) for s in states])
 
 # %% ../nbs/06_causal_world_models.ipynb #f6e8223d

@@ -59,11 +59,11 @@ n_seeds: int = 3  # paired seeds (every seed is evaluated on the same test probl
 progress: bool = True  # show progress bars
 device: str = "auto"  # 'auto' (CUDA if available), 'cpu' or 'cuda'
 retrain: bool = False  # train the components now instead of loading the committed checkpoints
-max_horizon: int = 4  # planning at h = 2, 4, ... up to this (8 adds the ceiling row); inference at h = 1, 2, 4, ...
+max_horizon: int = 4  # planning at horizons 2, 4, ... up to this (8 adds the ceiling row); inference also at 1
 full_protocol: bool = False  # also plan under the full protocol (all 14 actions, every variable exact)
 n_plan: int = 100  # test planning goals per horizon (and protocol)
 n_infer: int = 200  # test causal-inference problems (each evaluated at every horizon)
-budget_mult: int = 4  # MCTS expansions per goal = budget_mult x branching factor x horizon
+budget_mult: int = 2  # MCTS expansions per goal: budget_mult x branching factor x horizon
 k_samples: int = 5  # CWM rollouts sample the prior with k particles; variables by majority vote
 n_episodes: int = 4000  # training: random-policy episodes of interaction data (retrain only)
 episode_len: int = 5  # training: steps per episode (retrain only)
@@ -77,7 +77,7 @@ setting: str = "default"  # claim records' setting: "default" (these values), "e
 
 # %% [markdown]
 # **Scale-up** (more seeds, goals and horizons, the full protocol, components retrained; e.g. on a GPU, not timed here):
-# `moebook run nbs/06_causal_world_models.ipynb -p n_seeds 5 -p retrain True -p max_horizon 8 -p full_protocol True -p n_plan 300 -p n_infer 500 -p budget_mult 8 -p ae_steps 6000 -p flow_steps 6000 -p lm_steps 6000 -p setting evidence -p device cuda`
+# `moebook run nbs/06_causal_world_models.ipynb -p n_seeds 5 -p retrain True -p max_horizon 8 -p full_protocol True -p n_plan 300 -p n_infer 500 -p budget_mult 4 -p ae_steps 6000 -p flow_steps 6000 -p lm_steps 6000 -p setting evidence -p device cuda`
 #
 # ## The GridWorld
 #
@@ -1096,7 +1096,7 @@ test_eq(PAPER.matched([[0, 0, 1, 0, 1, 3, 4, 5]], [[7, 7, 1, 0, 1, 3, 4, 5]]), [
 test_eq(PAPER.reached([[0, 0, 1, 0, 1, 3, 4, 6]], [[0, 0, 1, 0, 1, 3, 4, 5]]), [False])  # one cell off is 0.14 > 0.07
 test_eq(FULL.reached([[7, 7, 1, 0, 1, 3, 4, 5]], [[0, 0, 1, 0, 1, 3, 4, 5]]), [False])
 test_eq(FULL.reached([[-1, 0, 1, 0, 1, 3, 4, 5]], [[-1, 0, 1, 0, 1, 3, 4, 5]]), [False])  # unreadable never matches
-test_eq([planning_budget(PAPER, h, 4) for h in (2, 4)], [32, 64])
+test_eq([planning_budget(PAPER, h, 2) for h in (2, 4)], [16, 32])
 test_fail(lambda: Protocol("x", (0, 99), (0,), 0.0), contains="actions must be indices")
 _pp = make_planning_problems(20, 3, 0, PAPER)
 test_eq(_pp.starts[:, :2], _pp.goals[:, :2])  # toggles and no-ops never move the boulder
@@ -1299,14 +1299,23 @@ class CausalWorldModel:
         return step, lambda states: self.decode(torch.stack(states))
 
 def lm_simulator(model, tok: WordTokenizer):
-    "step/decode for `mcts_plan` with the LM as its own world model; a state is a description."
-    step = lambda states, actions: lm_next_states(model, tok, states, [canonical_action_text(a) for a in actions])
+    "step/decode for `mcts_plan` with the LM as its own world model; a state is a description (greedy, so memoised)."
+    memo = {}
+    def step(states, actions):
+        keys = list(zip(states, actions))
+        todo = [k for k in dict.fromkeys(keys) if k not in memo]
+        if todo: memo.update(zip(todo, lm_next_states(model, tok, [s for s, _ in todo], [canonical_action_text(a) for _, a in todo])))
+        return [memo[k] for k in keys]
     return step, lambda states: np.stack([parse_state(s) for s in states])
 
 
 # %%
 test_eq(majority_vote(torch.tensor([[[1, 0], [2, 0], [1, 7]]])), [[1, 0]])
 test_eq(majority_vote(torch.tensor([[[3], [2]]])), [[2]])  # a tie goes to the smaller value
+_step, _decode = lm_simulator(_lm, tok)
+_ss, _aa = [_states[0], _states[0], _states[1]], [1, 1, 2]
+test_eq(_step(_ss, _aa), lm_next_states(_lm, tok, _ss, [canonical_action_text(a) for a in _aa]))  # memoised = recomputed
+test_eq(_decode(_step(_ss, _aa)), np.stack([parse_state(t) for t in _step(_ss, _aa)]))
 
 
 # %% [markdown]

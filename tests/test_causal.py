@@ -9,13 +9,13 @@ from pathlib import Path
 from moebook.causal import (ACTIONS, ALL_ACTION_TEXTS, CAR_COLUMNS, COMPONENT_SEED, FULL, N_ACTIONS, PAPER, TEST_SEED, VARIABLES,
                             Action, CausalRL, CausalWorldModel, Flow, GridWorld, action_index, action_texts, canonical_action_text,
                             causal_graph, check_state, collect_interactions, describe_state, executed_success, execute_plan,
-                            load_components, make_planning_problems, make_tokenizer, mcts_plan, noop_plans, parse_action,
-                            parse_state, perception_accuracy, planning_budget, r2_matrix, random_plans, render_state, train_crl,
-                            transition, true_simulator)
+                            embed_texts, lm_examples, lm_loss, load_components, make_planning_problems, make_tokenizer, mcts_plan,
+                            noop_plans, parse_action, parse_state, perception_accuracy, planning_budget, r2_matrix, random_plans,
+                            render_state, train_components, train_crl, transition, transition_accuracy, true_simulator)
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "data" / "causal_checkpoints"
 # regression values on the notebook's fixed test goals (each also checked against an independent loop below)
-H4_CEILING = 0.99  # perfect simulator, paper protocol, h = 4, budget_mult 4
+H4_CEILING = 0.8  # perfect simulator, paper protocol, h = 4, budget_mult 2
 BASELINES = {("paper", 2): (0.06, 0.03), ("paper", 4): (0.0, 0.02), ("full", 2): (0.04, 0.05)}  # (all no-op, random plan)
 PERCEPTION_SEED0 = None  # set from the committed checkpoint of seed 0 (see test_perception_of_committed_checkpoint_on_a_fixed_set)
 
@@ -130,10 +130,10 @@ def reachable(start, goal, h, protocol):
 
 @pytest.mark.parametrize("protocol", [PAPER, FULL], ids=lambda p: p.name)
 def test_perfect_simulator_at_the_experiments_budget(protocol):
-    # the notebook's test goals at h = 2 and its default budget (budget_mult 4): the search must solve every
+    # the notebook's test goals at h = 2 and its default budget (budget_mult 2): the search must solve every
     # goal breadth-first search can reach, i.e. all of them (they are reachable by construction)
     P = make_planning_problems(100, 2, TEST_SEED + 200 + (protocol is FULL), protocol)
-    plans, in_model = mcts_plan(list(P.starts), P.goals, 2, *true_simulator(), protocol, planning_budget(protocol, 2, 4))
+    plans, in_model = mcts_plan(list(P.starts), P.goals, 2, *true_simulator(), protocol, planning_budget(protocol, 2, 2))
     ok = executed_success(plans, P, protocol)
     assert ok.tolist() == [reachable(s, g, 2, protocol) for s, g in zip(P.starts, P.goals)] and ok.all()
     assert (in_model == ok).all() and all(len(p) <= 2 for p in plans)
@@ -142,7 +142,7 @@ def test_perfect_simulator_at_the_experiments_budget(protocol):
 def test_perfect_simulator_ceiling_at_h4():
     # the ceiling the notebook reports at h = 4 (paper protocol, default budget): pinned on its fixed test goals
     P = make_planning_problems(100, 4, TEST_SEED + 400, PAPER)
-    plans, _ = mcts_plan(list(P.starts), P.goals, 4, *true_simulator(), PAPER, planning_budget(PAPER, 4, 4))
+    plans, _ = mcts_plan(list(P.starts), P.goals, 4, *true_simulator(), PAPER, planning_budget(PAPER, 4, 2))
     assert executed_success(plans, P, PAPER).mean() == pytest.approx(H4_CEILING)
 
 
@@ -189,13 +189,31 @@ def test_checkpoint_sha_is_checked(tmp_path):
     with pytest.raises(ValueError, match="no checkpoint for seed 99"): load_components(CHECKPOINTS, 99)
 
 
+def cwm_of(c, k=3):
+    return CausalWorldModel(c.ae, c.crl, c.mapper, c.x_mean, c.x_std, embed_texts(ALL_ACTION_TEXTS), k=k, seed=0)
+
+
 def test_perception_of_committed_checkpoint_on_a_fixed_set():
-    c = committed(0)
-    from moebook.causal import embed_texts
-    cwm = CausalWorldModel(c.ae, c.crl, c.mapper, c.x_mean, c.x_std, embed_texts(ALL_ACTION_TEXTS), k=3, seed=0)
-    d = collect_interactions(20, 4, COMPONENT_SEED + 1)
-    acc = perception_accuracy(cwm, d.frames.reshape(-1, 32, 32, 3), d.states.reshape(-1, 8))
+    d = collect_interactions(20, 4, COMPONENT_SEED + 1)  # 100 frames no seed trained on
+    acc = perception_accuracy(cwm_of(committed(0)), d.frames.reshape(-1, 32, 32, 3), d.states.reshape(-1, 8))
     assert acc.tolist() == pytest.approx(PERCEPTION_SEED0, abs=1e-9)
+
+
+@pytest.mark.slow
+def test_retraining_reproduces_the_committed_checkpoint():
+    # retrains seed 0 with the manifest's configuration (tens of minutes on a loaded CPU) and compares what the
+    # components do on held-out episodes: bit-identical weights are not expected across thread counts
+    ref = committed(0)
+    manifest = json.loads((CHECKPOINTS / "manifest.json").read_text())
+    new = train_components(manifest["config"], 0, embed_texts(ALL_ACTION_TEXTS))[0].half().float()  # stored in float16
+    d, tok = collect_interactions(100, 5, COMPONENT_SEED), make_tokenizer()
+    frames, states, ex = d.frames.reshape(-1, 32, 32, 3), d.states.reshape(-1, 8), lm_examples(d)[:300]
+    p_ref, p_new = (perception_accuracy(cwm_of(c), frames, states) for c in (ref, new))
+    assert np.abs(p_ref - p_new).max() <= 0.02, (p_ref, p_new)
+    t_ref, t_new = (transition_accuracy(cwm_of(c), d) for c in (ref, new))
+    assert abs(t_ref["cwm_affected"] - t_new["cwm_affected"]) <= 0.03, (t_ref, t_new)
+    for name in ("lm", "lm_shuffled"):
+        assert lm_loss(getattr(new, name), tok, ex) == pytest.approx(lm_loss(getattr(ref, name), tok, ex), rel=0.05)
 
 
 def test_bad_inputs_raise_clear_errors():
