@@ -1012,12 +1012,11 @@ def write_checkpoints(out_dir: str | Path, # folder for seed<s>.safetensors and 
     cfg, out = dict(cfg or TRAIN_DEFAULTS), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     text_table = embed_texts(ALL_ACTION_TEXTS)
-    t0 = time.time()
+    t0, commit, dirty = time.time(), _git("rev-parse", "HEAD"), bool(_git("status", "--porcelain", "--untracked-files=no"))  # the code that trains
     run = functools.partial(_train_and_save, cfg=cfg, out=str(out), text_table=text_table, device=device)
     curves = paired_runs(run, ["components"], list(seeds), workers=workers)
     files = {f"seed{s}.safetensors": {"sha256": _sha256(out / f"seed{s}.safetensors"), "bytes": (out / f"seed{s}.safetensors").stat().st_size} for s in seeds}
-    manifest = dict(config=cfg, seeds=list(seeds), files=files, dtype="float16", command=command, commit=_git("rev-parse", "HEAD"),
-                    dirty=bool(_git("status", "--porcelain", "--untracked-files=no")), torch=torch.__version__, device=str(device),
+    manifest = dict(config=cfg, seeds=list(seeds), files=files, dtype="float16", command=command, commit=commit, dirty=dirty, torch=torch.__version__, device=str(device),
                     wall_s=round(time.time() - t0, 1), curves={str(s): curves[("components", s)] for s in seeds})
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
