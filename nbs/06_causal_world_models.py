@@ -1828,4 +1828,4 @@ for h in plan_horizons:
           f"(in model {r['LM (in model)'].mean():.3f}); perfect simulator {r['perfect'].mean():.3f}, all no-op {r['all no-op'].mean():.3f}, random plan {r['random plan'].mean():.3f}")
 for h in inf_horizons:
     print(f"inference h={h}: CWM {acc['CWM'][h].mean():.3f}, LM {acc['LM'][h].mean():.3f}; copy {acc['copy'][h].mean():.3f}, "
-          f"perceive-then-copy {acc['perceive-then-copy'][h].mean():.3f} (paper: CWM {PAPER_INFERENCE[h][0]}, LM {PAPER_INFERENCE[h][1]})")
+          f"perceive-then-copy {acc['perceive-then-copy'][h].mean():.3f} (paper: CWM, LM {PAPER_INFERENCE.get(h, '-')})")
