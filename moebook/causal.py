@@ -19,16 +19,16 @@ from .core import progress as progress_bar  # the notebook's `progress` paramete
 
 # %% auto #0
 __all__ = ['GRID', 'COLOURS', 'CAR_COLUMNS', 'LIGHT_CELLS', 'VARIABLES', 'N_VALUES', 'DIRECTIONS', 'ACTIONS', 'N_ACTIONS', 'RGB',
-           'ALL_ACTION_TEXTS', 'ACTION_MODES', 'PAPER', 'FULL', 'TRAIN_DEFAULTS', 'COMPONENT_SEED', 'VAL_SEED',
-           'TEST_SEED', 'Action', 'action_index', 'check_state', 'transition', 'causal_graph', 'render_state',
-           'render_background', 'GridWorld', 'action_texts', 'sample_action_text', 'parse_action', 'describe_state',
-           'describe_variables', 'parse_state', 'Interactions', 'collect_interactions', 'action_coordinates',
-           'load_sentence_encoder', 'embed_texts', 'Autoencoder', 'frames_to_tensor', 'ActNorm', 'InvertibleLinear',
-           'AffineCoupling', 'Flow', 'GroupLinear', 'TransitionPrior', 'ActionEncoder', 'CausalRL', 'train_autoencoder',
-           'encode_frames', 'action_inputs', 'train_crl', 'r2_matrix', 'CausalMapper', 'train_mapper',
-           'r2_per_variable', 'WordTokenizer', 'transition_prompt', 'make_tokenizer', 'build_lm', 'lm_training_batch',
-           'train_lm', 'lm_loss', 'shuffle_states', 'description_slots', 'lm_next_states', 'canonical_action_text',
-           'Protocol', 'planning_budget', 'PlanningProblems', 'make_planning_problems', 'mcts_plan', 'true_simulator',
+           'ALL_ACTION_TEXTS', 'ACTION_MODES', 'PAPER', 'FULL', 'TRAIN_DEFAULTS', 'COMPONENT_SEED', 'TEST_SEED',
+           'Action', 'action_index', 'check_state', 'transition', 'causal_graph', 'render_state', 'render_background',
+           'GridWorld', 'action_texts', 'sample_action_text', 'parse_action', 'describe_state', 'describe_variables',
+           'parse_state', 'Interactions', 'collect_interactions', 'action_coordinates', 'load_sentence_encoder',
+           'embed_texts', 'Autoencoder', 'frames_to_tensor', 'ActNorm', 'InvertibleLinear', 'AffineCoupling', 'Flow',
+           'GroupLinear', 'TransitionPrior', 'ActionEncoder', 'CausalRL', 'train_autoencoder', 'encode_frames',
+           'action_inputs', 'train_crl', 'r2_matrix', 'CausalMapper', 'train_mapper', 'r2_per_variable',
+           'WordTokenizer', 'transition_prompt', 'make_tokenizer', 'build_lm', 'lm_training_batch', 'train_lm',
+           'lm_loss', 'shuffle_states', 'description_slots', 'lm_next_states', 'canonical_action_text', 'Protocol',
+           'planning_budget', 'PlanningProblems', 'make_planning_problems', 'mcts_plan', 'true_simulator',
            'execute_plan', 'executed_success', 'noop_plans', 'random_plans', 'majority_vote', 'CausalWorldModel',
            'lm_simulator', 'InferenceProblems', 'make_inference_problems', 'cwm_rollout', 'lm_rollout',
            'problem_accuracy', 'Components', 'lm_examples', 'train_components', 'write_checkpoints', 'load_components',
@@ -938,7 +938,7 @@ def problem_accuracy(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
 # %% ../nbs/06_causal_world_models.ipynb #9064e84a
 TRAIN_DEFAULTS = dict(n_episodes=4000, episode_len=5, latent_dim=16, ae_steps=2500, flow_steps=2500, mapper_steps=2500,
                       lm_steps=2000, lm_width=96)
-COMPONENT_SEED, VAL_SEED, TEST_SEED = 10_000, 20_000, 30_000  # held-out component checks; tuning problems; test problems
+COMPONENT_SEED, TEST_SEED = 10_000, 30_000  # held-out episodes for the component checks; test problems
 
 class Components(nn.Module):
     "One seed's trained parts: autoencoder, CRL model, causal mapper, LM and its shuffled-state twin."
