@@ -1696,52 +1696,57 @@ axes[1].set(yticks=range(8), xlabel="learned latent", title=f"stage-1 single-lat
 plt.colorbar(im, ax=axes[1]); plt.tight_layout(); plt.show()
 
 # %% [markdown]
-# ### Causal inference: predicting the outcome of `h` actions
+# ### Causal inference and planning
+#
+# *Causal inference*: `n_infer` test problems, each scored at every horizon. *Planning*: `n_plan` test goals
+# per horizon; both learned planners and the perfect simulator run the same search with the same budget, the
+# all-no-op and random plans need no search. Primary success executes the plan in the true environment;
+# "in model" is the reference's count (a search node reached the goal in the planner's own world model).
+# Each seed's CWM and LM are evaluated in their own worker process on a CPU (`paired_runs`; the seeds are
+# independent, and every seed sees the same problems).
 
 # %%
 #| slow
+from moebook.evidence import paired_runs
 inf = make_inference_problems(n_infer, max(inf_horizons), TEST_SEED)
-acc = {m: {h: np.zeros((len(seeds), n_infer)) for h in inf_horizons} for m in ("CWM", "LM", "perceive-then-copy")}
-acc["copy"] = {h: np.tile(problem_accuracy(inf.states[:, 0], inf.states[:, h]), (len(seeds), 1)) for h in inf_horizons}
-for i, s in enumerate(seeds):
+protocols = {p.name: p for p in [PAPER] + ([FULL] if full_protocol else [])}
+problems = {(name, h): make_planning_problems(n_plan, h, TEST_SEED + 100 * h + (1 if p is FULL else 0), p) for name, p in protocols.items() for h in plan_horizons}
+
+def evaluate_seed(_variant: str, s: int) -> dict:
+    "Causal inference and planning with seed `s`'s CWM and LM: per-problem scores."
     pred_cwm, pred_lm = cwm_rollout(cwms[s], inf, inf_horizons), lm_rollout(comps[s].lm, tok, inf, inf_horizons)
     perceived = cwms[s].decode(cwms[s].encode(inf.frames))
-    for h in inf_horizons:
-        acc["CWM"][h][i], acc["LM"][h][i] = problem_accuracy(pred_cwm[h], inf.states[:, h]), problem_accuracy(pred_lm[h], inf.states[:, h])
-        acc["perceive-then-copy"][h][i] = problem_accuracy(perceived, inf.states[:, h])
-print(f"[{time.time() - t_start:.0f}s] causal inference on {n_infer} test problems x {len(seeds)} seeds (mean per-variable accuracy)")
+    out = {"inference": {h: {"CWM": problem_accuracy(pred_cwm[h], inf.states[:, h]), "LM": problem_accuracy(pred_lm[h], inf.states[:, h]),
+                             "perceive-then-copy": problem_accuracy(perceived, inf.states[:, h])} for h in inf_horizons}, "planning": {}}
+    for (name, h), P in problems.items():
+        proto, budget = protocols[name], planning_budget(protocols[name], h, budget_mult)
+        plans, inm = mcts_plan(list(cwms[s].encode(P.frames)), P.goals, h, *cwms[s].simulator(), proto, budget)
+        r = {"CWM": executed_success(plans, P, proto), "CWM (in model)": inm}
+        plans, inm = mcts_plan([describe_state(x) for x in P.starts], P.goals, h, *lm_simulator(comps[s].lm, tok), proto, budget)
+        out["planning"][f"{name} {h}"] = r | {"LM": executed_success(plans, P, proto), "LM (in model)": inm}
+    return out
+
+workers = min(2, len(seeds)) if dev.type == "cpu" else 1
+res = paired_runs(evaluate_seed, ["evaluate"], seeds, workers=workers,
+                  progress=lambda done, total, v, s: print(f"[{time.time() - t_start:.0f}s] seed {s} evaluated ({done}/{total})"))
+res = [res[("evaluate", s)] for s in seeds]
+acc = {m: {h: np.array([r["inference"][str(h)][m] for r in res]) for h in inf_horizons} for m in ("CWM", "LM", "perceive-then-copy")}
+acc["copy"] = {h: np.tile(problem_accuracy(inf.states[:, 0], inf.states[:, h]), (len(seeds), 1)) for h in inf_horizons}
+print(f"causal inference on {n_infer} test problems x {len(seeds)} seeds (mean per-variable accuracy)")
 print("h  | " + " | ".join(f"{m:>18}" for m in acc))
 for h in inf_horizons: print(f"{h:<3}| " + " | ".join(f"{acc[m][h].mean():18.3f}" for m in acc))
-
-# %% [markdown]
-# ### Planning: reaching a goal state in at most `h` actions
-#
-# Both learned planners and the perfect simulator run the same search with the same budget; the all-no-op and
-# random plans need no search. Primary success executes the plan in the true environment; "in model" is
-# the reference's count (a search node reached the goal in the planner's own world model).
-
-# %%
-#| slow
-protocols = [PAPER] + ([FULL] if full_protocol else [])
 plan = {}
-for proto in protocols:
-    for h in plan_horizons:
-        P = make_planning_problems(n_plan, h, TEST_SEED + 100 * h + (1 if proto is FULL else 0), proto)
-        budget = planning_budget(proto, h, budget_mult)
-        r = dict(budget=budget)
-        plans, r["perfect (in model)"] = mcts_plan(list(P.starts), P.goals, h, *true_simulator(), proto, budget)
-        r["perfect"] = executed_success(plans, P, proto)
-        r["all no-op"] = executed_success(noop_plans(P), P, proto)
-        r["random plan"] = executed_success(random_plans(P, proto, TEST_SEED + h), P, proto)
-        for name in ("CWM", "LM"): r[name], r[f"{name} (in model)"] = np.zeros((len(seeds), n_plan), bool), np.zeros((len(seeds), n_plan), bool)
-        for i, s in enumerate(seeds):
-            plans, r["CWM (in model)"][i] = mcts_plan(list(cwms[s].encode(P.frames)), P.goals, h, *cwms[s].simulator(), proto, budget)
-            r["CWM"][i] = executed_success(plans, P, proto)
-            plans, r["LM (in model)"][i] = mcts_plan([describe_state(x) for x in P.starts], P.goals, h, *lm_simulator(comps[s].lm, tok), proto, budget)
-            r["LM"][i] = executed_success(plans, P, proto)
-        plan[(proto.name, h)] = r
-        print(f"[{time.time() - t_start:.0f}s] {proto.name} protocol, h={h}, {budget} expansions: " + ", ".join(
-            f"{k} {np.mean(v):.3f}" for k, v in r.items() if k != "budget"))
+for (name, h), P in problems.items():
+    proto, budget = protocols[name], planning_budget(protocols[name], h, budget_mult)
+    r = dict(budget=budget)
+    plans, r["perfect (in model)"] = mcts_plan(list(P.starts), P.goals, h, *true_simulator(), proto, budget)
+    r["perfect"] = executed_success(plans, P, proto)
+    r["all no-op"] = executed_success(noop_plans(P), P, proto)
+    r["random plan"] = executed_success(random_plans(P, proto, TEST_SEED + h), P, proto)
+    r |= {m: np.array([x["planning"][f"{name} {h}"][m] for x in res]) for m in ("CWM", "CWM (in model)", "LM", "LM (in model)")}
+    plan[(name, h)] = r
+    print(f"{name} protocol, h={h}, {budget} expansions: " + ", ".join(f"{k} {np.mean(v):.3f}" for k, v in r.items() if k != "budget"))
+print(f"[{time.time() - t_start:.0f}s] done")
 
 # %%
 #| slow
@@ -1763,7 +1768,7 @@ axes[0].plot(list(PAPER_INFERENCE), [v[1] for v in PAPER_INFERENCE.values()], "x
 axes[0].set(xscale="log", xticks=inf_horizons, xticklabels=inf_horizons, xlabel="steps h", ylabel="per-variable accuracy",
             title=f"causal inference ({n_infer} test problems, {len(seeds)} seeds)", ylim=(0, 1.02))
 axes[0].minorticks_off(); axes[0].legend(fontsize=7)
-for ax, proto in zip(axes[1:], protocols):
+for ax, proto in zip(axes[1:], protocols.values()):
     for m in ("perfect", "CWM", "CWM (in model)", "LM", "LM (in model)", "all no-op", "random plan"):
         mb = [band(plan[(proto.name, h)][m]) for h in plan_horizons]
         ax.plot(plan_horizons, [b[0] for b in mb], styles[m][0], c=styles[m][1], label=m)
