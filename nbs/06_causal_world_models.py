@@ -750,6 +750,7 @@ def train_crl(x: torch.Tensor, # (E, T+1, D) standardised autoencoder latents
 
 # %% [markdown]
 #
+
 # %% [markdown]
 # ## The causal mapper
 #
@@ -1018,6 +1019,7 @@ with torch.no_grad():
 
 # %% [markdown]
 #
+
 # %% [markdown]
 # ## Planning protocols
 #
@@ -1367,7 +1369,6 @@ test_eq(_p.frames.shape, (3, 32, 32, 3)); test_eq(len(_p.texts[0]), 4)
 for _i in range(3): test_eq(_p.states[_i, -1], execute_plan(_p.states[_i, 0], [parse_action(t) for t in _p.texts[_i]]))
 test_eq(problem_accuracy([[1, 2, 0, 0, 0, 1, 1, 1]], [[1, 3, 0, 0, 0, 1, 1, 1]]), [7 / 8])
 
-
 # %% [markdown]
 # ## Components: training, checkpoints and quality checks
 #
@@ -1523,7 +1524,6 @@ _tok = make_tokenizer()
 _c = Components(TRAIN_DEFAULTS, len(_tok))
 test_fail(lambda: Components({"latent_dim": 4}, 10), contains="training config lacks")
 print(f"{sum(p.numel() for p in _c.parameters()) / 1e6:.2f}M parameters per seed")
-
 
 # %% [markdown]
 # ## Claims, fixed before the experiment
@@ -1747,6 +1747,7 @@ for (name, h), P in problems.items():
     plan[(name, h)] = r
     print(f"{name} protocol, h={h}, {budget} expansions: " + ", ".join(f"{k} {np.mean(v):.3f}" for k, v in r.items() if k != "budget"))
 print(f"[{time.time() - t_start:.0f}s] done")
+
 
 # %%
 #| slow
