@@ -749,9 +749,6 @@ def train_crl(x: torch.Tensor, # (E, T+1, D) standardised autoencoder latents
 
 
 # %% [markdown]
-#
-
-# %% [markdown]
 # ## The causal mapper
 #
 # Stage 1 measures how well each learned latent predicts each true variable: the $R^2$ of a binned
@@ -1016,9 +1013,6 @@ _acts = [ALL_ACTION_TEXTS[i] for i in (0, 50, 100, 150, 200, 250)]  # prompts of
 with torch.no_grad():
     test_eq(np.stack([parse_state(t) for t in lm_next_states(_lm, tok, _states, _acts)]), np.stack([_naive_next(_lm, tok, s, a) for s, a in zip(_states, _acts)]))
 
-
-# %% [markdown]
-#
 
 # %% [markdown]
 # ## Planning protocols
