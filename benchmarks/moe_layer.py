@@ -32,6 +32,9 @@ Variants (all with the same router weights, so they route identically):
   forward from that config field at call time);
 - `experts_only`: just our grouped experts (matmuls + SwiGLU) on pre-grouped rows (no router, no gather/scatter;
   a `repeat_interleave` and a sum stand in for them);
+- `moebook_compiled`, `dense_compiled` (with `--compile`): `torch.compile` (Inductor) of the layer and of the dense
+  MLP; the layer's grouped matmuls stay `torch._grouped_mm` calls (through the `moebook::grouped_mm` custom op),
+  Inductor fuses the router, gates and SwiGLU element-wise work around them;
 - `matmuls_dense`, `matmuls_grouped`: only the six matmuls of forward + backward (two forward, four backward)
   on stand-in activations, at the dense MLP's shapes and as grouped expert matmuls: the compute floor of
   `dense` and of any MoE layer built on `torch._grouped_mm`. The rest of each variant's time is element-wise
@@ -163,6 +166,15 @@ class Tokens2D(nn.Module):
         return y[0] if self.needs_3d else y
 
 
+def machine_info(device: torch.device) -> dict:
+    "Machine, versions and threads, recorded with every result."
+    return {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "threads": torch.get_num_threads()}
+
+
 def build_variants(args, dtype, device) -> dict[str, nn.Module]:
     torch.manual_seed(0)
     cfg = MoEConfig(d_model=args.d_model, d_ff_expert=args.d_ff, n_experts=args.experts, top_k=args.top_k)
@@ -182,6 +194,11 @@ def build_variants(args, dtype, device) -> dict[str, nn.Module]:
         "hf_eager": Tokens2D(olmoe_block(layer, "eager"), needs_3d=True),
         "hf_grouped_mm": Tokens2D(olmoe_block(layer, "grouped_mm"), needs_3d=True),
     }
+    if getattr(args, "compile", False):  # torch.compile (Inductor) of the layer and of the dense MLP, same weights
+        compiled_layer = MoELayer(cfg); compiled_layer.load_state_dict(layer.state_dict())
+        dense_twin = SwiGLU(args.d_model, args.top_k * args.d_ff); dense_twin.load_state_dict(variants["dense"].state_dict())
+        variants["moebook_compiled"] = torch.compile(Tokens2D(compiled_layer))
+        variants["dense_compiled"] = torch.compile(dense_twin)
     if args.only: variants = {k: v for k, v in variants.items() if k in args.only.split(",")}
     return {k: v.to(device=device, dtype=dtype) for k, v in variants.items()}
 
@@ -200,6 +217,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--only", default="", help="comma-separated subset of variants")
+    p.add_argument("--compile", action="store_true", help="add torch.compile'd variants (moebook_compiled, dense_compiled; compiled during warm-up)")
     p.add_argument("--out", default="benchmarks/results/moe_layer_cpu.json")
     args = p.parse_args(argv)
     if args.gpu:
@@ -231,11 +249,7 @@ def main(argv=None):
     flops = 3 * 2 * 3 * args.tokens * args.d_model * args.top_k * args.d_ff  # fwd+bwd of the expert matmuls
     result = {
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
-                    "python": platform.python_version(), "torch": torch.__version__,
-                    "transformers": __import__("transformers").__version__,
-                    "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                    "threads": torch.get_num_threads()},
+        "machine": machine_info(device),
         "load_avg_1min": {"before": load_before, "after": os.getloadavg()[0]},
         "shape": {"tokens": args.tokens, "d_model": args.d_model, "experts": args.experts, "top_k": args.top_k,
                   "d_ff_expert": args.d_ff, "dense_d_ff": args.top_k * args.d_ff, "dtype": args.dtype},
@@ -244,6 +258,9 @@ def main(argv=None):
         "median_process_cpu_ms": cpu_med, "all_process_cpu_ms": cpu_times,
         "expert_gflops_per_s": {k: flops / (v * 1e-3) / 1e9 for k, v in med.items()},
     }
+    if "dense_compiled" in med and "moebook_compiled" in med:
+        result["compiled"] = {"moebook_compiled_over_dense_compiled": med["moebook_compiled"] / med["dense_compiled"],
+                              "moebook_compiled_over_dense": med["moebook_compiled"] / med["dense"] if "dense" in med else None}
     if "dense" in med and "moebook" in med:
         hf = [med[k] for k in ("hf_eager", "hf_grouped_mm") if k in med]
         hf_cpu = [cpu_med[k] for k in ("hf_eager", "hf_grouped_mm") if k in cpu_med]
@@ -258,6 +275,7 @@ def main(argv=None):
     for k in sorted(med, key=med.get):
         print(f"{k:{width}s} wall {med[k]:8.1f} ms (min {min(times[k]):7.1f})   process CPU {cpu_med[k]:8.1f} ms")
     if "target" in result: print(json.dumps(result["target"]))
+    if "compiled" in result: print(json.dumps(result["compiled"]))
     print(f"load average before/after: {load_before:.2f}/{os.getloadavg()[0]:.2f} -> {out}")
     return result
 

@@ -4,15 +4,16 @@
 
 # %% ../nbs/00_core.ipynb #2258361e
 from __future__ import annotations
-import json, math, os, random, tempfile
+import contextlib, json, math, os, random, tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import IO, Any, Callable, Iterable
 
 import numpy as np
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['METRICS_ENV', 'seed_everything', 'pick_device', 'to_jsonable', 'atomic_write_text', 'record_metrics', 'progress']
+__all__ = ['METRICS_ENV', 'seed_everything', 'pick_device', 'to_jsonable', 'atomic_write', 'atomic_write_text', 'record_metrics',
+           'progress']
 
 # %% ../nbs/00_core.ipynb #0d781e28
 def seed_everything(seed: int, # seed for `random`, NumPy and torch (all devices)
@@ -49,17 +50,27 @@ def to_jsonable(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x): return str(x)  # JSON has no NaN/inf
     return x
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    "Write `text` to `path` through a temporary file and a rename, so readers never see half a file."
+def atomic_write(path: str | Path, # the file to (over)write; its folder is created if missing
+                 write: Callable[[IO[bytes]], Any], # writes the content to the binary file object it is given
+                ) -> Path:
+    "Write `path` through `write(f)` on a temporary file `.<name>.<random>.tmp` beside it, fsync, then `os.replace`."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f: f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f); f.flush(); os.fsync(f.fileno())  # the bytes are on disk before the rename publishes them
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp): os.unlink(tmp)
+        with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
         raise
+    folder = os.open(path.parent, os.O_RDONLY)  # and the rename itself survives a power cut
+    try: os.fsync(folder)
+    finally: os.close(folder)
     return path
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    "`atomic_write` of `text` encoded as UTF-8."
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 def record_metrics(**metrics) -> dict[str, Any]:
     "Record named metrics for this run; returns everything recorded so far."

@@ -5,7 +5,7 @@
 # %% ../nbs/00a_evidence.ipynb #ae46ca0e
 from __future__ import annotations
 import concurrent.futures as cf
-import dataclasses, hashlib, json, math, multiprocessing, os, subprocess, sys
+import dataclasses, hashlib, json, math, multiprocessing, os, subprocess, sys, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -18,8 +18,9 @@ from .core import atomic_write_text, record_metrics, to_jsonable
 # %% auto #0
 __all__ = ['Z_975', 'Z_80', 'MIN_N', 'VERDICTS', 'KINDS', 'SETTINGS', 'DIRECTIONS', 'MIME', 'REQUIRED', 'PENDING',
            'PAPER_NOTEBOOKS', 'COLOURS', 'EvidenceError', 'Estimate', 'paired_t', 'paired_bootstrap', 'wilson_rate',
-           'coverage', 'Precondition', 'Claim', 'validate', 'judge', 'paired_runs', 'provenance', 'ledger_markdown',
-           'show_claims', 'check_record', 'read_claims', 'claims_command', 'readme_ledger', 'forest_plot']
+           'coverage', 'Precondition', 'Claim', 'validate', 'judge', 'paired_runs', 'RunClock', 'idle_wall_estimate',
+           'provenance', 'ledger_markdown', 'show_claims', 'check_record', 'read_claims', 'claims_command',
+           'readme_ledger', 'forest_plot']
 
 # %% ../nbs/00a_evidence.ipynb #38ec83ed
 class EvidenceError(ValueError):
@@ -153,7 +154,9 @@ class Claim:
     seeds: list[int] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
-    wall_s: float = float("nan")
+    wall_s: float = float("nan")  # wall time of the experiment
+    cpu_s: float = float("nan")  # CPU time of the experiment (its process and finished worker processes)
+    load: float = float("nan")  # the machine's 1-minute load average when the experiment started
     commit: str | None = None
     dirty: bool | None = None
 
@@ -250,6 +253,26 @@ def paired_runs(fn: Callable[[str, int], dict], # fn(variant, seed) -> JSON-able
             for f in cf.as_completed(futs): done(*futs[f], f.result())
     return {(v, s): out[(v, s)] for s in seeds for v in variants}
 
+# %% ../nbs/00a_evidence.ipynb #251567c7
+def _cpu_seconds() -> float:
+    import resource
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+class RunClock:
+    "Started at the experiment's first cell; `fields()` gives `wall_s`, `cpu_s` and `load` for the claim records."
+    def __init__(self):
+        self.wall0, self.cpu0, self.load = time.time(), _cpu_seconds(), float(os.getloadavg()[0])
+    def fields(self) -> dict[str, float]:
+        return {"wall_s": time.time() - self.wall0, "cpu_s": _cpu_seconds() - self.cpu0, "load": self.load}
+
+def idle_wall_estimate(record: dict, # a claim record
+                       cores: int = 2, # the reference machine's cores
+                       idle_load: float = 2.0, # a load average up to this counts as idle on that machine
+                      ) -> float: # seconds
+    "The record's wall time if it ran on an idle machine, else its CPU time spread over `cores`."
+    return record["wall_s"] if record["load"] <= idle_load else record["cpu_s"] / cores
+
 # %% ../nbs/00a_evidence.ipynb #8c2939d4
 MIME = "application/vnd.moebook.claims+json"
 
@@ -289,7 +312,7 @@ def ledger_markdown(records: Iterable[dict], # claim records (as dicts), or pend
     return "\n".join(rows)
 
 def show_claims(claims: Sequence[Claim], # the notebook's claims, with estimates filled in
-                **common, # fields shared by every claim (setting, seeds, params, device, wall_s)
+                **common, # fields shared by every claim (setting, seeds, params, device, and RunClock().fields())
                ) -> list[dict]: # the judged records
     "Judge `claims`, add provenance, display the ledger table with the records embedded, and record them."
     prov = provenance()
@@ -308,8 +331,6 @@ def show_claims(claims: Sequence[Claim], # the notebook's claims, with estimates
 # %% ../nbs/00a_evidence.ipynb #8c7fc030
 REQUIRED = [f.name for f in dataclasses.fields(Claim)]
 PENDING = {  # notebook -> (issue that ports its claim check, the paper's headline claims)
-    "02_global_lbl.ipynb": (15, ["global-batch LBL lowers perplexity", "global-batch LBL increases domain specialisation",
-                                 "the gain comes from the diversity of the balancing statistics", "the synchronisation overhead is small"]),
     "03_moe_cpt.ipynb": (14, ["MoE routers do not worsen forgetting vs a dense model", "routing balance on the old distribution is kept",
                               "replay + LR re-warm/re-decay suffices", "CPT matches full re-training at a fraction of the cost",
                               "infinite schedules need no re-warm"]),

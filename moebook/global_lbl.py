@@ -16,17 +16,18 @@ import torch.distributed as dist
 import moebook
 from .core import seed_everything
 from .corpus import Corpus, CorpusRecipe, load_corpus, stable_hash
-from .moe import GlobalBalancer, MoELayer, MoeLM, MoeLMConfig, RouterOutput, capture_routing, expert_counts
+from .moe import GlobalBalancer, MoELayer, MoeLM, MoeLMConfig, RouterOutput, capture_routing, expert_counts, update_expert_bias
+from .evidence import paired_runs
 from .schedules import WarmupCosine
 from .train import TrainConfig, close_distributed, init_distributed, load_checkpoint, run_torchrun, save_checkpoint, train
-import concurrent.futures as cf
-import multiprocessing as mp
 from .core import progress as progress_bar
+import functools, hashlib
 
 # %% auto #0
-__all__ = ['VARIANTS', 'DP_VARIANTS', 'ExperimentConfig', 'variant_scope', 'unwrap', 'moe_layer_indices', 'block_routes',
-           'SampledBalancer', 'StepBatches', 'make_loss_fn', 'max_violation', 'evaluate_routing', 'specialisation',
-           'TimedBalancer', 'make_balancer', 'run_variant', 'ddp_main', 'run_ddp', 'run_experiment', 'summarise']
+__all__ = ['VARIANTS', 'DP_VARIANTS', 'ExperimentConfig', 'run_key', 'variant_scope', 'unwrap', 'moe_layer_indices',
+           'block_routes', 'SampledBalancer', 'StepBatches', 'make_loss_fn', 'max_violation', 'evaluate_routing',
+           'specialisation', 'shuffled_label_mi', 'TimedBalancer', 'make_balancer', 'run_variant', 'ddp_main',
+           'run_ddp', 'allreduce_main', 'time_allreduce', 'paired_variant', 'run_experiment', 'summarise']
 
 # %% ../nbs/02_global_lbl.ipynb #7e5eaca3
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class ExperimentConfig:
     corpus_bytes: int = 1_500_000  # CorpusRecipe.max_bytes_per_domain
     vocab_size: int = 4096         # CorpusRecipe.vocab_size
     eval_batches: int = 8          # validation micro-batches (batch_size x seq_len) per domain
+    bias_update_rate: float = 1e-3 # u of the loss-free variant's bias sign rule (moebook.moe.update_expert_bias)
     seed: int = 0
     device: str = "cpu"            # single-process runs train here; data-parallel runs use gloo on the CPU
 
@@ -62,7 +64,7 @@ class ExperimentConfig:
             want = float if f.type == "float" else int
             if isinstance(v, bool) or not isinstance(v, (int, float) if want is float else int):
                 raise TypeError(f"ExperimentConfig.{f.name} must be {want.__name__}, got {type(v).__name__} ({v!r})")
-            if v < 0 or (v == 0 and f.name not in ("seed", "weight_decay", "aux_loss_coef", "z_loss_coef", "n_shared_experts")):
+            if v < 0 or (v == 0 and f.name not in ("seed", "weight_decay", "aux_loss_coef", "z_loss_coef", "n_shared_experts", "bias_update_rate")):
                 raise ValueError(f"ExperimentConfig.{f.name} must be {'>= 0' if f.name == 'seed' else '> 0'}, got {v!r}")
         if self.top_k > self.n_experts: raise ValueError(f"top_k={self.top_k} > n_experts={self.n_experts}")
 
@@ -71,22 +73,30 @@ class ExperimentConfig:
         return CorpusRecipe(max_bytes_per_domain=self.corpus_bytes, vocab_size=self.vocab_size,
                             tokenizer_sample_bytes=min(CorpusRecipe().tokenizer_sample_bytes, self.corpus_bytes // 2))
 
-    def model_config(self, vocab_size: int, lb_scope: str) -> MoeLMConfig:
-        "The MoeLM of this experiment with balance scope `lb_scope` ('micro', 'sequence' or 'global')."
+    def model_config(self, vocab_size: int, lb_scope: str, loss_free: bool = False) -> MoeLMConfig:
+        "The MoeLM with balance scope `lb_scope`; `loss_free`: no balance loss, a routing bias balances (DeepSeek-V3)."
         return MoeLMConfig(vocab_size=vocab_size, d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads,
                            d_ff=self.top_k * self.d_ff_expert, n_experts=self.n_experts, num_experts_per_tok=self.top_k,
                            d_ff_expert=self.d_ff_expert, n_shared_experts=self.n_shared_experts, router="softmax",
-                           norm_topk_prob=False, capacity_factor=None, aux_loss_coef=self.aux_loss_coef,
-                           z_loss_coef=self.z_loss_coef, lb_scope=lb_scope)
+                           norm_topk_prob=False, capacity_factor=None, aux_loss_coef=0.0 if loss_free else self.aux_loss_coef,
+                           z_loss_coef=self.z_loss_coef, lb_scope=lb_scope, enable_expert_bias=loss_free,
+                           bias_update_rate=self.bias_update_rate)
+
+def run_key(variant: str, # the balance variant
+            cfg: ExperimentConfig, # every other setting of the run (seed included)
+           ) -> str: # "<variant>-seed<s>-<hash of every setting>"
+    "Checkpoint folder name of a run: a change of any setting gives a fresh folder, never a stale resume."
+    blob = json.dumps([variant, dataclasses.asdict(cfg)], sort_keys=True)
+    return f"{variant}-seed{cfg.seed}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 # %% ../nbs/02_global_lbl.ipynb #c766d602
-VARIANTS = ("micro", "sequence", "global", "global_dp", "micro_dp", "sampled", "micro_shuffled")
+VARIANTS = ("micro", "sequence", "global", "global_full", "global_dp", "micro_dp", "sampled", "micro_shuffled", "loss_free")
 DP_VARIANTS = ("global_dp", "micro_dp")  # need torchrun with 2 (or more) ranks
 
 def variant_scope(variant: str) -> str:
     "The `MoeLMConfig.lb_scope` of `variant`."
     if variant not in VARIANTS: raise ValueError(f"unknown variant {variant!r}; the variants are {VARIANTS}")
-    return {"micro": "micro", "micro_dp": "micro", "micro_shuffled": "micro", "sequence": "sequence"}.get(variant, "global")
+    return {"micro": "micro", "micro_dp": "micro", "micro_shuffled": "micro", "sequence": "sequence", "loss_free": "micro"}.get(variant, "global")
 
 # %% ../nbs/02_global_lbl.ipynb #8d7ff495
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -205,14 +215,14 @@ def evaluate_routing(model: MoeLM, corpus: Corpus, cfg: ExperimentConfig) -> dic
     counts = torch.zeros(len(layers), n_dom, E, dtype=torch.float64)
     score = torch.zeros(len(layers), n_dom, dtype=torch.float64)
     n_tok = torch.zeros(n_dom, dtype=torch.float64)
-    vio_micro, loss = [[] for _ in layers], {}
+    vio_micro, loss, batch_counts = [[] for _ in layers], {}, torch.zeros(len(layers), n_dom, cfg.eval_batches, E, dtype=torch.float64)
     try:
         for d, dom in enumerate(corpus.domains):
             n_avail = corpus.num_validation_batches(dom, cfg.batch_size, cfg.seq_len)
             if n_avail < cfg.eval_batches:
                 raise ValueError(f"domain {dom!r} has {n_avail} validation batches of {cfg.batch_size}x{cfg.seq_len}, eval_batches={cfg.eval_batches}")
             ce = []
-            for ids in corpus.validation_batches(dom, cfg.batch_size, cfg.seq_len, cfg.eval_batches):
+            for b, ids in enumerate(corpus.validation_batches(dom, cfg.batch_size, cfg.seq_len, cfg.eval_batches)):
                 ids = ids.to(next(model.parameters()).device)
                 with capture_routing(model) as cap: out = model(ids, labels=ids)
                 rec = block_routes(model, cap)
@@ -221,12 +231,13 @@ def evaluate_routing(model: MoeLM, corpus: Corpus, cfg: ExperimentConfig) -> dic
                 for j, layer in enumerate(layers):
                     r = rec[layer][0]
                     c = expert_counts(r.expert_idx.cpu(), E).double()
-                    counts[j, d] += c; vio_micro[j].append(max_violation(c))
+                    counts[j, d] += c; batch_counts[j, d, b] = c; vio_micro[j].append(max_violation(c))
                     score[j, d] += r.probs.double().topk(k, dim=-1).values.sum(-1).sum().cpu()
             loss[dom] = float(np.mean(ce))
     finally: model.train(was_training)
     ppl = {d: math.exp(v) for d, v in loss.items()}
     return {"domains": list(corpus.domains), "loss": loss, "ppl": ppl, "avg_ppl": float(np.mean(list(ppl.values()))),
+            "mean_loss": float(np.mean(list(loss.values()))), "batch_counts": batch_counts.tolist(),
             "freq": (counts / n_tok[None, :, None]).tolist(), "score_sum": (score / n_tok[None]).tolist(),
             "uniform_score_sum": k / E, "maxvio_micro": [float(np.mean(v)) for v in vio_micro],
             "maxvio_global": [max_violation(counts[j].sum(0)) for j in range(len(layers))]}
@@ -241,6 +252,22 @@ def specialisation(freq, # (L, D, E) selection frequencies (rows sum to top_k)
     marginal = p.mean(1, keepdim=True)                # p(expert) with every domain weighted equally
     kl = torch.where(p > 0, p * (p / marginal.clamp(min=1e-300)).log(), torch.zeros_like(p)).sum(-1)  # (L, D)
     return {"mutual_info": kl.mean(1).tolist(), "peak_over_uniform": (f.amax((1, 2)) * f.shape[2] / top_k).tolist()}
+
+def shuffled_label_mi(batch_counts, # (L, D, N, E) expert counts of N validation batches of each of D domains
+                      top_k: int, # k
+                      n_perm: int = 20, # random relabellings averaged
+                      seed: int = 0,
+                     ) -> float: # mean over layers and relabellings of I(domain; expert) with shuffled domain labels
+    "The plug-in I(domain; expert) when whole batches are assigned to domains at random: its upward bias at this sample size."
+    c = torch.as_tensor(batch_counts, dtype=torch.float64)
+    L, D, N, E = c.shape
+    flat, gen, out = c.reshape(L, D * N, E), torch.Generator().manual_seed(seed), []
+    tokens = c[0].sum(-1).reshape(D * N) / top_k  # tokens per batch
+    for _ in range(n_perm):
+        perm = torch.randperm(D * N, generator=gen).reshape(D, N)
+        freq = flat[:, perm].sum(2) / tokens[perm].sum(1)[None, :, None]
+        out.append(np.mean(specialisation(freq, top_k)["mutual_info"]))
+    return float(np.mean(out))
 
 # %% ../nbs/02_global_lbl.ipynb #7ad0a414
 class TimedBalancer(GlobalBalancer):
@@ -257,6 +284,7 @@ def make_balancer(variant: str, cfg: ExperimentConfig) -> GlobalBalancer | None:
     "The balancer a variant needs (None for the micro and sequence scopes)."
     if variant_scope(variant) != "global": return None
     if variant == "sampled": return SampledBalancer(cfg.batch_size * cfg.seq_len, seed=cfg.seed)
+    if variant == "global_full": return SampledBalancer(cfg.n_micro * cfg.batch_size * cfg.seq_len, seed=cfg.seed)  # every token
     return TimedBalancer()
 
 def run_variant(variant: str, # one of VARIANTS
@@ -271,23 +299,24 @@ def run_variant(variant: str, # one of VARIANTS
     if not isinstance(cfg, ExperimentConfig): raise TypeError(f"cfg must be an ExperimentConfig or dict, got {type(cfg).__name__}")
     scope = variant_scope(variant)
     if threads: torch.set_num_threads(threads)
-    info = init_distributed("cpu")
+    info = init_distributed("cpu")  # gloo: the data-parallel variants run on the CPU
     if (variant in DP_VARIANTS) != (info.world_size > 1):
         raise RuntimeError(f"variant {variant!r} needs {'torchrun with >= 2 ranks' if variant in DP_VARIANTS else 'a single process'}, "
                            f"this process is rank {info.rank} of {info.world_size}")
     corpus = load_corpus(cfg.recipe(), cache_dir)
     seed_everything(cfg.seed)
-    model = MoeLM(cfg.model_config(corpus.vocab_size, scope))
+    model = MoeLM(cfg.model_config(corpus.vocab_size, scope, loss_free=variant == "loss_free"))
     balancer = make_balancer(variant, cfg)
     model.set_balancer(balancer)
     batches = StepBatches(corpus, cfg, info.world_size, shuffled=variant == "micro_shuffled")
     step_ends = []
-    hooks = ([balancer.reset] if balancer is not None else []) + [lambda: step_ends.append(time.perf_counter())]
+    hooks = ([balancer.reset] if balancer is not None else []) + ([lambda: update_expert_bias(model)] if variant == "loss_free" else [])
+    hooks += [lambda: step_ends.append(time.perf_counter())]
     tcfg = TrainConfig(max_steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay, grad_accum=batches.grad_accum,
                        ckpt_every=max(1, cfg.steps // 4) if ckpt_dir else 0, ckpt_dir=ckpt_dir, seed=cfg.seed,
                        progress=progress, device=cfg.device if info.world_size == 1 else "cpu")
     schedule = WarmupCosine(cfg.lr, cfg.steps, warmup_steps=min(max(1, cfg.steps // 10), cfg.steps - 1), lr_min=cfg.lr / 10)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     history = train(model, batches, tcfg, schedule, loss_fn=make_loss_fn(batches, balancer),
                     after_optimizer_step=hooks, resume=ckpt_dir is not None)
     step_seconds = np.diff([t0] + step_ends).tolist()
@@ -295,6 +324,7 @@ def run_variant(variant: str, # one of VARIANTS
               "step_seconds": step_seconds, "comm_seconds": getattr(balancer, "comm_seconds", 0.0),
               "n_all_reduce": getattr(balancer, "n_all_reduce", 0)}
     if info.is_main: result["eval"] = evaluate_routing(model, corpus, cfg)
+    result["cpu_s"] = time.process_time() - c0  # this process's CPU time (training + evaluation): the idle-machine estimate
     return result
 
 # %% ../nbs/02_global_lbl.ipynb #9486591e
@@ -309,7 +339,7 @@ def ddp_main(argv: list[str] | None = None) -> None:
     for s in map(int, args.seeds.split(",")):
         cfg = ExperimentConfig(**{**json.loads(args.config), "seed": s})
         for variant in args.variants.split(","):
-            ckpt = str(Path(args.ckpt_root) / f"{variant}-seed{s}") if args.ckpt_root else None
+            ckpt = str(Path(args.ckpt_root) / run_key(variant, cfg)) if args.ckpt_root else None
             res = run_variant(variant, cfg, ckpt_dir=ckpt, cache_dir=args.cache_dir)
             if dist.get_rank() == 0: save_checkpoint(res, Path(args.out) / f"{variant}-seed{s}.pt")
     close_distributed()
@@ -317,7 +347,7 @@ def ddp_main(argv: list[str] | None = None) -> None:
 def run_ddp(cfg: ExperimentConfig, # the experiment (its seed is replaced by each of `seeds`)
             seeds: list[int], # one run of every variant per seed
             variants: tuple[str, ...] = DP_VARIANTS, # data-parallel variants to run, in this order
-            out_dir: str | Path | None = None, # where rank 0 writes the results (default: a temporary folder)
+            out_dir: str | Path | None = None, # where rank 0 writes the results (default: a temporary folder, removed after)
             nproc: int = 2, # data-parallel ranks
             ckpt_root: str | None = None, # checkpoint root (one folder per variant and seed)
             cache_dir: str | None = None, # corpus cache
@@ -327,6 +357,7 @@ def run_ddp(cfg: ExperimentConfig, # the experiment (its seed is replaced by eac
     for v in variants:
         if v not in DP_VARIANTS: raise ValueError(f"{v!r} is not a data-parallel variant; those are {DP_VARIANTS}")
     if cfg.n_micro % nproc: raise ValueError(f"n_micro={cfg.n_micro} must be a multiple of nproc={nproc}")
+    import shutil
     out = Path(out_dir or tempfile.mkdtemp(prefix="glbl-ddp-"))
     root = str(Path(moebook.__file__).resolve().parents[1])  # make the workers import this very package
     env = {"OMP_NUM_THREADS": "1", "MOEBOOK_QUIET": "1",
@@ -336,52 +367,102 @@ def run_ddp(cfg: ExperimentConfig, # the experiment (its seed is replaced by eac
             "--variants", ",".join(variants), "--out", str(out)]
     if ckpt_root: argv += ["--ckpt-root", str(ckpt_root)]
     if cache_dir: argv += ["--cache-dir", str(cache_dir)]
-    run_torchrun(argv, nproc=nproc, env=env, timeout=timeout)
-    return {(v, s): load_checkpoint(out / f"{v}-seed{s}.pt") for s in seeds for v in variants}
+    try:
+        run_torchrun(argv, nproc=nproc, env=env, timeout=timeout)
+        return {(v, s): load_checkpoint(out / f"{v}-seed{s}.pt") for s in seeds for v in variants}
+    finally:
+        if out_dir is None: shutil.rmtree(out, ignore_errors=True)  # our temporary folder: gone on success and failure
+
+# %% ../nbs/02_global_lbl.ipynb #ab81ff67
+def allreduce_main(argv: list[str] | None = None) -> None:
+    "torchrun worker: `--sizes 16,256 --reps 50 --rounds 5 --out FILE`; rank 0 writes {size: [seconds per all-reduce, per round]}."
+    import argparse
+    ap = argparse.ArgumentParser(prog="moebook.global_lbl.allreduce_main")
+    for a in ("--sizes", "--reps", "--rounds", "--out"): ap.add_argument(a, required=True)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    init_distributed("cpu")
+    sizes, reps, rounds = [int(x) for x in args.sizes.split(",")], int(args.reps), int(args.rounds)
+    out = {str(n): [] for n in sizes}
+    for _ in range(rounds):
+        for n in sizes:
+            x = torch.ones(n, dtype=torch.int64)
+            for _ in range(3): dist.all_reduce(x)  # warm-up
+            dist.barrier(); t0 = time.perf_counter()
+            for _ in range(reps): dist.all_reduce(x)
+            out[str(n)].append((time.perf_counter() - t0) / reps)
+    if dist.get_rank() == 0: Path(args.out).write_text(json.dumps(out))
+    close_distributed()
+
+def time_allreduce(sizes: list[int], # int64 elements per all-reduce
+                   nproc: int = 2, # gloo ranks
+                   reps: int = 50, # all-reduces per measurement
+                   rounds: int = 5, # measurements per size
+                   timeout: float = 600,
+                  ) -> dict[int, list[float]]: # size -> seconds per all-reduce, one value per round
+    "Time gloo all-reduces of count tensors on `nproc` CPU ranks."
+    if nproc < 2: raise ValueError(f"an all-reduce needs nproc >= 2, got {nproc}")
+    if not sizes or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes): raise ValueError(f"sizes must be positive ints, got {sizes!r}")
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "allreduce.json"
+        root = str(Path(moebook.__file__).resolve().parents[1])
+        env = {"OMP_NUM_THREADS": "1", "MOEBOOK_QUIET": "1",
+               "PYTHONPATH": os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+        run_torchrun(["--no-python", sys.executable, "-c", "import sys; from moebook.global_lbl import allreduce_main; allreduce_main(sys.argv[1:])",
+                      "--sizes", ",".join(map(str, sizes)), "--reps", str(reps), "--rounds", str(rounds), "--out", str(out)],
+                     nproc=nproc, env=env, timeout=timeout)
+        return {int(k): v for k, v in json.loads(out.read_text()).items()}
 
 # %% ../nbs/02_global_lbl.ipynb #a19fdf85
-def _run_in_worker(args: tuple) -> dict:
-    variant, cfg, ckpt, cache_dir = args
-    return run_variant(variant, cfg, ckpt_dir=ckpt, threads=1, cache_dir=cache_dir)
+def paired_variant(variant: str, # one of VARIANTS (single-process)
+                   seed: int, # the paired seed: data order, initialisation and token samples
+                   cfg: dict = None, # ExperimentConfig fields (its seed is replaced)
+                   ckpt_root: str | None = None, # checkpoint root (one `run_key` folder per run)
+                   cache_dir: str | None = None, # corpus cache
+                  ) -> dict:
+    "fn(variant, seed) for `moebook.evidence.paired_runs`: one single-process run of `variant`, paired by `seed`."
+    c = ExperimentConfig(**{**cfg, "seed": seed})
+    return run_variant(variant, c, ckpt_dir=str(Path(ckpt_root) / run_key(variant, c)) if ckpt_root else None, cache_dir=cache_dir)
 
-def run_experiment(cfg: ExperimentConfig, # settings of the first seed
-                   seeds: list[int], # one run of every variant per seed
-                   variants: tuple[str, ...] = VARIANTS, # which variants
+def run_experiment(cfg: ExperimentConfig, # settings of the first seed (its aux_loss_coef is replaced by each of `coefs`)
+                   seeds: list[int], # paired seeds
+                   variants: dict[float, tuple[str, ...]], # aux-loss coefficient -> the variants run at it
                    workers: int = 2, # processes for the single-process variants (1 = in this process)
-                   ckpt_root: str | None = None, # checkpoint root ("<root>/<variant>-seed<seed>")
+                   ckpt_root: str | None = None, # checkpoints ("<root>/<run_key>") and finished results ("<root>/results")
                    cache_dir: str | None = None, # corpus cache
                    progress: bool = True, # progress bar over finished runs
-                  ) -> dict[tuple[str, int], dict]: # (variant, seed) -> run_variant's result
-    "Every variant for every seed: single-process variants in a process pool, then the torchrun variants."
-    for v in variants: variant_scope(v)
+                  ) -> dict[tuple[str, float, int], dict]: # (variant, coefficient, seed) -> run_variant's result
+    "Every variant at its coefficients for every seed: `paired_runs` over worker processes, then the torchrun variants."
+    for vs in variants.values():
+        for v in vs: variant_scope(v)
     load_corpus(cfg.recipe(), cache_dir)  # build the corpus once, before the workers look for it
-    ckpt = lambda v, s: str(Path(ckpt_root) / f"{v}-seed{s}") if ckpt_root else None
-    jobs = [(v, dataclasses.asdict(dataclasses.replace(cfg, seed=s)), ckpt(v, s), cache_dir)
-            for s in seeds for v in variants if v not in DP_VARIANTS]
+    n_single = sum(v not in DP_VARIANTS for vs in variants.values() for v in vs)
+    n_dp = sum(v in DP_VARIANTS for vs in variants.values() for v in vs)
+    bar = progress_bar(total=(n_single + (n_dp > 0)) * len(seeds), enabled=progress, desc="runs")
     results = {}
-    bar = progress_bar(total=len(jobs) + len(seeds) * any(v in DP_VARIANTS for v in variants), enabled=progress, desc="runs")
-    if workers > 1 and len(jobs) > 1:
-        import moebook.global_lbl as module  # workers unpickle the function from the package, not from a notebook
-        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(module._run_in_worker, job): job for job in jobs}
-            for fut in cf.as_completed(futures):
-                job = futures[fut]; results[job[0], job[1]["seed"]] = fut.result(); bar.update()
-    else:
-        for job in jobs:
-            results[job[0], job[1]["seed"]] = run_variant(job[0], job[1], job[2], cache_dir=job[3]); bar.update()
-    if dp := tuple(v for v in variants if v in DP_VARIANTS):
-        results.update(run_ddp(cfg, seeds, dp, ckpt_root=ckpt_root, cache_dir=cache_dir)); bar.update(len(seeds))
+    for coef, vs in variants.items():
+        c = dataclasses.replace(cfg, aux_loss_coef=float(coef))
+        if single := [v for v in vs if v not in DP_VARIANTS]:
+            fn = functools.partial(paired_variant, cfg=dataclasses.asdict(c), ckpt_root=ckpt_root, cache_dir=cache_dir)
+            res = paired_runs(fn, single, seeds, config={"experiment": dataclasses.asdict(c), "code": "global_lbl/1"},
+                              cache_dir=str(Path(ckpt_root) / "results") if ckpt_root else None, workers=workers,
+                              threads_per_worker=1, progress=lambda *a: bar.update())
+            results.update({(v, float(coef), s): r for (v, s), r in res.items()})
+        if dp := tuple(v for v in vs if v in DP_VARIANTS):
+            res = run_ddp(c, seeds, dp, ckpt_root=ckpt_root, cache_dir=cache_dir); bar.update(len(seeds))
+            results.update({(v, float(coef), s): r for (v, s), r in res.items()})
     bar.close()
     return results
 
-def summarise(results: dict[tuple[str, int], dict]) -> list[dict]:
-    "One row per (variant, seed): average perplexity, per-domain perplexity, specialisation, balance, score sum, step time."
+def summarise(results: dict[tuple[str, float, int], dict]) -> list[dict]:
+    "One row per (variant, coefficient, seed): per-domain loss, specialisation (and its shuffled-label value), balance, score sum, step time."
     rows = []
-    for (v, s), r in sorted(results.items(), key=lambda kv: (VARIANTS.index(kv[0][0]), kv[0][1])):
+    for (v, coef, s), r in sorted(results.items(), key=lambda kv: (VARIANTS.index(kv[0][0]), kv[0][1], kv[0][2])):
         ev, k = r["eval"], r["config"]["top_k"]
         spec = specialisation(ev["freq"], k)
-        rows.append({"variant": v, "seed": s, "avg_ppl": ev["avg_ppl"], **{f"ppl_{d}": p for d, p in ev["ppl"].items()},
-                     "mutual_info": float(np.mean(spec["mutual_info"])), "peak_over_uniform": float(np.mean(spec["peak_over_uniform"])),
+        rows.append({"variant": v, "coef": coef, "seed": s, "mean_loss": ev["mean_loss"], **{f"loss_{d}": x for d, x in ev["loss"].items()},
+                     "avg_ppl": ev["avg_ppl"], "mutual_info": float(np.mean(spec["mutual_info"])),
+                     "mi_shuffled": shuffled_label_mi(ev["batch_counts"], k, seed=s), "cpu_s": r.get("cpu_s", float("nan")), "peak_over_uniform": float(np.mean(spec["peak_over_uniform"])),
                      "score_sum": float(np.mean(ev["score_sum"])), "uniform_score_sum": ev["uniform_score_sum"],
                      "maxvio_micro": float(np.mean(ev["maxvio_micro"])), "maxvio_global": float(np.mean(ev["maxvio_global"])),
                      "step_s": float(np.median(r["step_seconds"])) if r["step_seconds"] else float("nan"),

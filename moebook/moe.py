@@ -6,24 +6,31 @@
 from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
+from functools import partial
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers import initialization as hf_init
+from transformers.cache_utils import Cache
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
+from torch.utils.checkpoint import checkpoint
 
 # %% auto #0
-__all__ = ['ROUTERS', 'LB_SCOPES', 'FAMILIES', 'MoEConfig', 'sinkhorn', 'RouterOutput', 'Router', 'Dispatch', 'dispatch',
-           'grouped_mm', 'GroupedExperts', 'SwiGLU', 'MoEAux', 'MoELayer', 'moe_reference', 'expert_counts',
-           'load_balancing_loss', 'z_loss', 'GlobalBalancer', 'RoutingStats', 'routing_stats', 'plot_load_heatmap',
-           'capture_routing', 'MoeLMConfig', 'dense_matched', 'rotary', 'CausalSelfAttention', 'Block', 'MoeLMOutput',
-           'MoeLM', 'count_parameters']
+__all__ = ['ROUTERS', 'SCORE_FUNCTIONS', 'DROP_POLICIES', 'LB_SCOPES', 'FAMILIES', 'AUX_REDUCTIONS', 'MoEConfig', 'sinkhorn',
+           'RouterOutput', 'Router', 'Dispatch', 'expert_counts', 'dispatch', 'grouped_mm', 'GroupedExperts', 'SwiGLU',
+           'MoEAux', 'MoELayer', 'moe_reference', 'expert_bias_update', 'update_expert_bias', 'load_balancing_loss',
+           'z_loss', 'GlobalBalancer', 'RoutingStats', 'routing_stats', 'plot_load_heatmap', 'capture_routing',
+           'MoeLMConfig', 'dense_matched', 'rotary', 'CausalSelfAttention', 'Block', 'MoeLMOutput', 'MoeLM',
+           'count_parameters']
 
 # %% ../nbs/01_moe.ipynb #f164dd24
 ROUTERS = ("softmax", "sinkhorn")
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
+DROP_POLICIES = ("position", "choice")
 LB_SCOPES = ("micro", "sequence", "global")
 FAMILIES = ("switch", "topk", "deepseek", "sinkhorn")
 
@@ -49,6 +56,11 @@ class MoEConfig:
     sinkhorn_tol: float = 0.01    # Sinkhorn stops when mean |d1_old - d1| < tol ...
     sinkhorn_max_iters: int = 100 # ... or after this many iterations (reported as non-converged)
     use_grouped_mm: bool = True   # use torch._grouped_mm where device/dtype/shape allow it
+    score_function: str = "softmax"     # softmax router: "softmax" or "sigmoid" (DeepSeek-V3) per-expert scores
+    routed_scaling_factor: float = 1.0  # the k gates are multiplied by this (DeepSeek-V2/V3)
+    enable_expert_bias: bool = False    # aux-loss-free balancing: per-expert bias on the scores, used only to select
+    bias_update_rate: float = 1e-3      # u of the bias sign rule (see `update_expert_bias`)
+    drop_policy: str = "position"       # capacity drops: "position" (Megatron) or "choice" (GShard: choice rank first)
 
     def __post_init__(self):
         for name in ("d_model", "d_ff_expert", "n_experts", "top_k", "sinkhorn_max_iters"): _check_int(name, getattr(self, name))
@@ -59,6 +71,13 @@ class MoEConfig:
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise ValueError(f"capacity_factor must be None (dropless) or > 0, got {self.capacity_factor!r}")
         if not self.sinkhorn_tol > 0: raise ValueError(f"sinkhorn_tol must be > 0, got {self.sinkhorn_tol!r}")
+        if self.score_function not in SCORE_FUNCTIONS:
+            raise ValueError(f"score_function must be one of {SCORE_FUNCTIONS}, got {self.score_function!r}")
+        if self.router == "sinkhorn" and (self.score_function != "softmax" or self.enable_expert_bias):
+            raise ValueError("router='sinkhorn' balances by itself: score_function='sigmoid' and enable_expert_bias apply to the softmax router only")
+        if not self.routed_scaling_factor > 0: raise ValueError(f"routed_scaling_factor must be > 0, got {self.routed_scaling_factor!r}")
+        if not self.bias_update_rate >= 0: raise ValueError(f"bias_update_rate must be >= 0, got {self.bias_update_rate!r}")
+        if self.drop_policy not in DROP_POLICIES: raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {self.drop_policy!r}")
 
     @property
     def d_ff_shared(self) -> int: return self.n_shared_experts * self.d_ff_expert
@@ -104,11 +123,16 @@ def sinkhorn(logits: torch.Tensor, # (T, E) router logits
 class RouterOutput:
     "What the router decided for T tokens."
     logits: torch.Tensor      # (T, E) fp32 router logits
-    probs: torch.Tensor       # (T, E) fp32 softmax over all experts
+    probs: torch.Tensor       # (T, E) fp32 softmax over all experts (sigmoid scores: the scores normalised to sum 1)
     expert_idx: torch.Tensor  # (T, k) int64 chosen experts
     gates: torch.Tensor       # (T, k) fp32 gate weights of the chosen experts
     sinkhorn_iters: int = 0   # iterations Sinkhorn ran (0 = not used)
     sinkhorn_converged: bool = True
+
+def _check_finite_logits(logits: torch.Tensor) -> None:
+    if torch.compiler.is_compiling(): return  # a data-dependent branch would split the compiled graph
+    if not torch.isfinite(logits.sum()):  # one reduction instead of a (T, E) mask; sane finite logits cannot sum to inf
+        raise FloatingPointError("non-finite router logits (NaN or inf): check the inputs and the learning rate")
 
 class Router(nn.Module):
     "Linear router: (T, d_model) tokens -> `RouterOutput`. All router math runs in fp32."
@@ -117,13 +141,16 @@ class Router(nn.Module):
         self.cfg = cfg
         self.weight = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model))
         nn.init.normal_(self.weight, std=0.02)
+        # aux-loss-free balancing: selection-only bias (saved with the model) and the counts since the last update;
+        # the counts are a plain attribute, not a buffer, so DDP's buffer broadcast cannot overwrite a rank's own counts
+        self.register_buffer("expert_bias", torch.zeros(cfg.n_experts) if cfg.enable_expert_bias else None)
+        self.tokens_per_expert: torch.Tensor | None = None  # (E,) int64, filled by MoELayer in training mode
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
         cfg = self.cfg
         dtype = _router_dtype(x.dtype)
         logits = F.linear(x.to(dtype), self.weight.to(dtype))
-        if not torch.isfinite(logits.sum()):  # one reduction instead of a (T, E) mask; sane finite logits cannot sum to inf
-            raise FloatingPointError("non-finite router logits (NaN or inf): check the inputs and the learning rate")
+        _check_finite_logits(logits)
         probs = logits.softmax(dim=-1)
         if cfg.router == "sinkhorn":
             iters, converged = 0, True
@@ -134,8 +161,16 @@ class Router(nn.Module):
                 expert_idx = logits.topk(cfg.top_k, dim=-1).indices
             scores = torch.sigmoid(logits) if cfg.top_k == 1 else probs
             return RouterOutput(logits, probs, expert_idx, scores.gather(-1, expert_idx), iters, converged)
-        gates, expert_idx = probs.topk(cfg.top_k, dim=-1)
-        if cfg.norm_topk_prob: gates = gates / gates.sum(dim=-1, keepdim=True)
+        scores = probs
+        if cfg.score_function == "sigmoid":
+            scores = torch.sigmoid(logits)
+            probs = scores / scores.sum(dim=-1, keepdim=True)
+        if self.expert_bias is None: gates, expert_idx = scores.topk(cfg.top_k, dim=-1)
+        else:
+            expert_idx = (scores.detach() + self.expert_bias.to(dtype)).topk(cfg.top_k, dim=-1).indices
+            gates = scores.gather(-1, expert_idx)
+        if cfg.norm_topk_prob: gates = gates / gates.sum(dim=-1, keepdim=True).clamp(min=1e-20)
+        if cfg.routed_scaling_factor != 1.0: gates = gates * cfg.routed_scaling_factor
         return RouterOutput(logits, probs, expert_idx, gates)
 
 # %% ../nbs/01_moe.ipynb #7a600f96
@@ -149,22 +184,40 @@ class Dispatch:
     routed_counts: torch.Tensor  # (E,) int64 slots routed to each expert before capacity dropping
     dropped: int = 0         # token-slots dropped by the capacity limit
 
+def expert_counts(expert_idx: torch.Tensor, # (..., k) chosen experts
+                  n_experts: int, # E
+                  mask: torch.Tensor | None = None, # (...) 1 for real tokens, 0 for padding
+                 ) -> torch.Tensor: # (E,) int64 token-slots per expert over the real tokens
+    "How many token-slots each expert received (a fixed-size scatter-add, so `torch.compile` keeps static shapes)."
+    flat = expert_idx.reshape(-1)
+    weight = torch.ones_like(flat) if mask is None else \
+        mask.reshape(-1, 1).bool().expand(-1, expert_idx.shape[-1]).reshape(-1).to(flat.dtype)
+    return torch.zeros(n_experts, dtype=torch.int64, device=flat.device).index_add_(0, flat, weight)
+
 def dispatch(expert_idx: torch.Tensor, # (T, k) chosen experts
              n_experts: int, # E
              capacity: int | None = None, # max slots per expert; None = dropless
+             mask: torch.Tensor | None = None, # (T,) 1 = real token; padding slots are not dispatched
+             drop_policy: str = "position", # which slots a full expert drops: "position" or "choice" (see above)
             ) -> Dispatch:
-    "Group the T*k token-slots by expert (stable), optionally dropping slots beyond `capacity`."
-    top_k = expert_idx.shape[-1]
+    "Group the real tokens' T*k slots by expert (stable), optionally dropping slots beyond `capacity`."
+    if drop_policy not in DROP_POLICIES: raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {drop_policy!r}")
+    n_tokens, top_k = expert_idx.shape
+    if mask is not None and tuple(mask.shape) != (n_tokens,): raise ValueError(f"mask must have shape ({n_tokens},), got {tuple(mask.shape)}")
     flat = expert_idx.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    routed = torch.bincount(flat, minlength=n_experts)
+    if capacity is not None and drop_policy == "choice":
+        by_choice = torch.argsort(expert_idx.t().reshape(-1), stable=True)  # slot ids j*T + t, first choices first
+        order = (by_choice % n_tokens) * top_k + by_choice // n_tokens        # back to flat slot ids t*k + j
+    else: order = torch.argsort(flat, stable=True)
+    if mask is not None: order = order[mask.bool().repeat_interleave(top_k)[order]]
+    routed = expert_counts(expert_idx, n_experts, mask)
     counts, dropped = routed, 0
     if capacity is not None:
         starts = torch.cumsum(routed, 0) - routed
-        rank_in_expert = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
+        rank_in_expert = torch.arange(order.numel(), device=flat.device) - starts[flat[order]]
         keep = rank_in_expert < capacity
         order, counts = order[keep], routed.clamp(max=capacity)
-        dropped = int(flat.numel() - order.numel())
+        dropped = int((routed - counts).sum())
     offsets = torch.cumsum(counts, 0).to(torch.int32)
     return Dispatch(order // top_k, order, counts, offsets, routed, dropped)
 
@@ -174,6 +227,33 @@ def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     if x.device.type == "cuda": return torch.cuda.get_device_capability(x.device) >= (8, 0)
     return x.device.type == "cpu"
 
+if not hasattr(torch.ops.moebook, "grouped_mm"):  # define once per process (re-running this cell is harmless)
+    @torch.library.custom_op("moebook::grouped_mm", mutates_args=())
+    def _grouped_mm_op(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        "(S, d_in) rows x (G, d_in, d_out) weights -> (S, d_out): row-block g times w[g]."
+        return torch._grouped_mm(x.contiguous(), w, offs=offsets)
+
+    @_grouped_mm_op.register_fake
+    def _(x, w, offsets): return x.new_empty(x.shape[0], w.shape[-1])
+
+    @torch.library.custom_op("moebook::grouped_mm_weight_grad", mutates_args=())
+    def _grouped_mm_weight_grad(x: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        "(G, d_in, d_out): block g of x, transposed, times block g of grad (zeros for an empty group)."
+        return torch._grouped_mm(x.t(), grad.contiguous(), offs=offsets)
+
+    @_grouped_mm_weight_grad.register_fake
+    def _(x, grad, offsets): return x.new_empty(offsets.shape[0], x.shape[1], grad.shape[1])
+
+    def _grouped_mm_setup(ctx, inputs, output): ctx.save_for_backward(*inputs)
+
+    def _grouped_mm_backward(ctx, grad):
+        x, w, offsets = ctx.saved_tensors
+        gx = torch.ops.moebook.grouped_mm(grad, w.transpose(-2, -1), offsets) if ctx.needs_input_grad[0] else None
+        gw = torch.ops.moebook.grouped_mm_weight_grad(x, grad, offsets) if ctx.needs_input_grad[1] else None
+        return gx, gw, None
+
+    _grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+
 def grouped_mm(x: torch.Tensor, # (S, d_in) rows sorted by group
                w: torch.Tensor, # (G, d_in, d_out) one weight per group
                counts: torch.Tensor, # (G,) rows per group
@@ -181,7 +261,7 @@ def grouped_mm(x: torch.Tensor, # (S, d_in) rows sorted by group
                use_kernel: bool = True, # allow torch._grouped_mm
               ) -> torch.Tensor: # (S, d_out)
     "Row-block g of `x` times `w[g]`, with `torch._grouped_mm` when supported, else one matmul per group."
-    if use_kernel and _grouped_mm_ok(x, w): return torch._grouped_mm(x, w, offs=offsets)
+    if use_kernel and _grouped_mm_ok(x, w): return torch.ops.moebook.grouped_mm(x, w, offsets)
     blocks = x.split(counts.tolist())
     return torch.cat([xb @ w[g] for g, xb in enumerate(blocks)]) if blocks else x.new_zeros(0, w.shape[-1])
 
@@ -237,46 +317,88 @@ class MoELayer(nn.Module):
         cf = self.cfg.capacity_factor
         return None if cf is None else math.ceil(cf * n_tokens * self.cfg.top_k / self.cfg.n_experts)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
+    def forward(self, x: torch.Tensor, # (..., d_model) tokens
+                mask: torch.Tensor | None = None, # (...) 1 = real token, 0 = padding (not routed)
+               ) -> tuple[torch.Tensor, MoEAux]:
         if x.ndim < 2 or x.shape[-1] != self.cfg.d_model:
             raise ValueError(f"MoELayer expects (..., d_model={self.cfg.d_model}), got shape {tuple(x.shape)}")
         lead, tokens = x.shape[:-1], x.reshape(-1, x.shape[-1])
+        if mask is not None and tuple(mask.shape) != tuple(lead):
+            raise ValueError(f"mask must have the token shape {tuple(lead)}, got {tuple(mask.shape)}")
+        m = None if mask is None else mask.reshape(-1)
         routing = self.router(tokens)
-        d = dispatch(routing.expert_idx, self.cfg.n_experts, self.capacity(tokens.shape[0]))
+        n_real = tokens.shape[0] if m is None or self.cfg.capacity_factor is None else int(m.bool().sum())
+        d = dispatch(routing.expert_idx, self.cfg.n_experts, self.capacity(n_real), m, self.cfg.drop_policy)
         gates = routing.gates.reshape(-1)[d.slot_idx].to(x.dtype)                 # (S,) gate of each sorted slot
         y = self.experts(tokens.index_select(0, d.token_idx), d.counts, d.offsets, gates)  # (S, d), gated
         out = torch.zeros_like(tokens).index_add_(0, d.token_idx, y)              # weighted scatter-add
         if self.shared is not None: out = out + self.shared(tokens)
+        if self.training and self.router.expert_bias is not None and not _recomputing(): self._count(d.routed_counts)
         return out.reshape(x.shape), MoEAux(routing, d.routed_counts, d.dropped, tuple(lead))
+
+    @torch.no_grad()
+    def _count(self, routed: torch.Tensor) -> None:
+        "Add this forward's routed counts to the router's counts since the last `update_expert_bias`."
+        r = self.router
+        r.tokens_per_expert = routed.detach().clone() if r.tokens_per_expert is None else r.tokens_per_expert + routed
+
+def _recomputing() -> bool:
+    "True while activation checkpointing re-runs a forward inside backward (its counts were already taken)."
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 def moe_reference(layer: MoELayer, # the layer whose weights to use
                   x: torch.Tensor, # (T, d_model)
+                  mask: torch.Tensor | None = None, # (T,) 1 = real token, 0 = padding (not routed)
                  ) -> torch.Tensor: # (T, d_model)
     "Naive per-token, per-slot loop with the same routing: the ground truth for the fast path."
-    routing, exp, out = layer.router(x), layer.experts, []
-    cap, used = layer.capacity(x.shape[0]), [0] * layer.cfg.n_experts
-    for t in range(x.shape[0]):
+    routing, exp, cfg = layer.router(x), layer.experts, layer.cfg
+    n_tok, k = routing.expert_idx.shape
+    real = [True] * n_tok if mask is None else [bool(v) for v in mask.tolist()]
+    cap, used, kept = layer.capacity(sum(real)), [0] * cfg.n_experts, set()
+    slots = [(t, j) for j in range(k) for t in range(n_tok)] if cfg.drop_policy == "choice" else \
+            [(t, j) for t in range(n_tok) for j in range(k)]  # the order in which slots claim capacity
+    for t, j in slots:
+        e = int(routing.expert_idx[t, j])
+        if not real[t] or (cap is not None and used[e] >= cap): continue
+        used[e] += 1; kept.add((t, j))
+    out = []
+    for t in range(n_tok):
         y = layer.shared(x[t]) if layer.shared is not None else torch.zeros_like(x[t])
-        for j in range(routing.expert_idx.shape[1]):
+        for j in range(k):
+            if (t, j) not in kept: continue
             e = int(routing.expert_idx[t, j])
-            if cap is not None and used[e] >= cap: continue
-            used[e] += 1
             gate, up = (x[t] @ exp.w_gate_up[e]).chunk(2)
             y = y + routing.gates[t, j].to(x.dtype) * ((F.silu(gate) * up) @ exp.w_down[e])
         out.append(y)
     return torch.stack(out)
 
 # %% ../nbs/01_moe.ipynb #d1715664
-def expert_counts(expert_idx: torch.Tensor, # (..., k) chosen experts
-                  n_experts: int, # E
-                  mask: torch.Tensor | None = None, # (...) 1 for real tokens, 0 for padding
-                 ) -> torch.Tensor: # (E,) int64 token-slots per expert over the real tokens
-    "How many token-slots each expert received."
-    flat = expert_idx.reshape(-1)
-    if mask is None: return torch.bincount(flat, minlength=n_experts)
-    keep = mask.reshape(-1, 1).expand_as(expert_idx.reshape(-1, expert_idx.shape[-1])).reshape(-1).bool()
-    return torch.bincount(flat[keep], minlength=n_experts)
+def expert_bias_update(bias: torch.Tensor, # (..., E) current bias
+                       counts: torch.Tensor, # (..., E) tokens routed to each expert over the step (global)
+                       rate: float, # u
+                      ) -> torch.Tensor: # (..., E) new bias
+    "DeepSeek-V3's sign rule: `b + u * sign(mean(c) - c)`."
+    c = counts.to(torch.float64)
+    return bias + rate * torch.sign(c.mean(-1, keepdim=True) - c).to(bias.dtype)
 
+@torch.no_grad()
+def update_expert_bias(model: nn.Module, # any module containing MoELayers with enable_expert_bias (DDP wrappers are fine)
+                       process_group: "dist.ProcessGroup | None" = None, # all-reduce group; None = default group if initialised
+                      ) -> list[torch.Tensor]: # per bias layer, the (E,) global counts the update used
+    "Apply the sign rule to every bias router from its counts since the last call (one all-reduce), then zero the counts."
+    layers = [m for m in model.modules() if isinstance(m, MoELayer) and m.router.expert_bias is not None]
+    if not layers: raise ValueError("update_expert_bias: the model has no MoELayer with enable_expert_bias=True")
+    sizes = [l.cfg.n_experts for l in layers]
+    counts = torch.cat([l.router.tokens_per_expert if l.router.tokens_per_expert is not None else
+                        torch.zeros(n, dtype=torch.int64, device=l.router.expert_bias.device) for l, n in zip(layers, sizes)])
+    if dist.is_available() and dist.is_initialized(): dist.all_reduce(counts, group=process_group)
+    per_layer = list(counts.split(sizes))
+    for l, c in zip(layers, per_layer):
+        l.router.expert_bias.copy_(expert_bias_update(l.router.expert_bias, c, l.cfg.bias_update_rate))
+        l.router.tokens_per_expert = None
+    return per_layer
+
+# %% ../nbs/01_moe.ipynb #363bb45a
 def _check_routing_shapes(probs, expert_idx, mask):
     if probs.ndim < 2 or expert_idx.shape[:-1] != probs.shape[:-1]:
         raise ValueError(f"probs (..., E) and expert_idx (..., k) must share leading dims, got {tuple(probs.shape)} and {tuple(expert_idx.shape)}")
@@ -284,6 +406,11 @@ def _check_routing_shapes(probs, expert_idx, mask):
         raise ValueError(f"top_k={expert_idx.shape[-1]} > n_experts={probs.shape[-1]}")
     if mask is not None and tuple(mask.shape) != tuple(probs.shape[:-1]):
         raise ValueError(f"mask must have the token shape {tuple(probs.shape[:-1])}, got {tuple(mask.shape)}")
+    if expert_idx.is_floating_point(): raise ValueError(f"expert_idx must be integer expert ids, got {expert_idx.dtype}")
+    if expert_idx.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(expert_idx.min()), int(expert_idx.max())
+        if lo < 0 or hi >= probs.shape[-1]:
+            raise ValueError(f"expert ids must be in [0, {probs.shape[-1]}) (n_experts = probs.shape[-1]), got min {lo}, max {hi}")
 
 def load_balancing_loss(probs: torch.Tensor, # (..., E) full softmax router probabilities
                         expert_idx: torch.Tensor, # (..., k) chosen experts
@@ -320,6 +447,9 @@ def z_loss(logits: torch.Tensor, # (..., E) router logits
            mask: torch.Tensor | None = None, # (...) 1 = real token
           ) -> torch.Tensor: # scalar
     "ST-MoE router z-loss: mean over real tokens of logsumexp(logits)^2."
+    if mask is not None and mask.numel() * logits.shape[-1] != logits.numel():
+        raise ValueError(f"mask must have the token shape {tuple(logits.shape[:-1])}, got {tuple(mask.shape)}")
+    _check_finite_logits(logits)
     lse2 = torch.logsumexp(logits.to(_router_dtype(logits.dtype)), dim=-1) ** 2
     if mask is None: return lse2.mean()
     m = mask.to(lse2).reshape(lse2.shape)
@@ -429,6 +559,8 @@ class capture_routing:
                 for outs in self.outputs]
 
 # %% ../nbs/01_moe.ipynb #7d3479f2
+AUX_REDUCTIONS = ("mean", "sum")
+
 class MoeLMConfig(PretrainedConfig):
     "Configuration of `MoeLM`; the MoE fields mirror `MoEConfig`."
     model_type = "moebook_moelm"
@@ -440,7 +572,10 @@ class MoeLMConfig(PretrainedConfig):
                  n_experts: int = 8, num_experts_per_tok: int = 2, d_ff_expert: int = 128, n_shared_experts: int = 0,
                  router: str = "softmax", norm_topk_prob: bool = False, capacity_factor: float | None = None,
                  sinkhorn_tol: float = 0.01, sinkhorn_max_iters: int = 100,
+                 score_function: str = "softmax", routed_scaling_factor: float = 1.0,
+                 enable_expert_bias: bool = False, bias_update_rate: float = 1e-3, drop_policy: str = "position",
                  aux_loss_coef: float = 1e-2, z_loss_coef: float = 1e-3,
+                 aux_loss_reduction: str = "mean", # combine the per-layer router losses: "mean" (HF Mixtral) or "sum" (Switch, Megatron)
                  lb_scope: str = "micro",        # "micro", "sequence" or "global" (needs model.set_balancer)
                  rope_theta: float = 10000.0, rms_norm_eps: float = 1e-6, initializer_range: float = 0.02,
                  **kwargs):
@@ -450,23 +585,30 @@ class MoeLMConfig(PretrainedConfig):
         self.d_ff_expert, self.n_shared_experts = d_ff_expert, n_shared_experts
         self.router, self.norm_topk_prob, self.capacity_factor = router, norm_topk_prob, capacity_factor
         self.sinkhorn_tol, self.sinkhorn_max_iters = sinkhorn_tol, sinkhorn_max_iters
+        self.score_function, self.routed_scaling_factor = score_function, routed_scaling_factor
+        self.enable_expert_bias, self.bias_update_rate, self.drop_policy = enable_expert_bias, bias_update_rate, drop_policy
         self.aux_loss_coef, self.z_loss_coef, self.lb_scope = aux_loss_coef, z_loss_coef, lb_scope
+        self.aux_loss_reduction = aux_loss_reduction
         self.rope_theta, self.rms_norm_eps, self.initializer_range = rope_theta, rms_norm_eps, initializer_range
         kwargs.setdefault("tie_word_embeddings", False)
-        kwargs.setdefault("use_cache", False)  # MoeLM has no KV cache
+        self.use_cache = kwargs.pop("use_cache", True)  # the KV cache (used by generate; not built in training mode)
         super().__init__(**kwargs)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff"): _check_int(name, getattr(self, name))
         if d_model % n_heads: raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
         if (d_model // n_heads) % 2: raise ValueError(f"head width d_model/n_heads={d_model // n_heads} must be even for RoPE")
         if bad := [i for i in self.moe_layers if not 0 <= i < n_layers]: raise ValueError(f"moe_layers {bad} out of range(0, {n_layers})")
         if lb_scope not in LB_SCOPES: raise ValueError(f"lb_scope must be one of {LB_SCOPES}, got {lb_scope!r}")
+        if aux_loss_reduction not in AUX_REDUCTIONS:
+            raise ValueError(f"aux_loss_reduction must be one of {AUX_REDUCTIONS}, got {aux_loss_reduction!r}")
         if self.moe_layers: self.moe_config()  # validate the MoE fields early
 
     def moe_config(self) -> MoEConfig:
         return MoEConfig(d_model=self.d_model, d_ff_expert=self.d_ff_expert, n_experts=self.n_experts, top_k=self.num_experts_per_tok,
                          router=self.router, norm_topk_prob=self.norm_topk_prob, n_shared_experts=self.n_shared_experts,
                          capacity_factor=self.capacity_factor, sinkhorn_tol=self.sinkhorn_tol,
-                         sinkhorn_max_iters=self.sinkhorn_max_iters)
+                         sinkhorn_max_iters=self.sinkhorn_max_iters, score_function=self.score_function,
+                         routed_scaling_factor=self.routed_scaling_factor, enable_expert_bias=self.enable_expert_bias,
+                         bias_update_rate=self.bias_update_rate, drop_policy=self.drop_policy)
 
     @classmethod
     def from_family(cls, family: str, # one of FAMILIES
@@ -478,6 +620,7 @@ class MoeLMConfig(PretrainedConfig):
         moe = MoEConfig.family(family, d_model, d_ff, n_experts)
         fam = {f.name: getattr(moe, f.name) for f in fields(MoEConfig) if f.name not in ("d_model", "use_grouped_mm", "top_k")}
         fam["num_experts_per_tok"] = moe.top_k
+        if family == "sinkhorn": fam["aux_loss_coef"] = 0.0  # Megatron's Sinkhorn router balances without the LB loss
         return cls(d_ff=d_ff, **{**fam, **kwargs})
 
 def dense_matched(cfg: MoeLMConfig, # the MoE model's config
@@ -489,48 +632,74 @@ def dense_matched(cfg: MoeLMConfig, # the MoE model's config
     return MoeLMConfig(**d)
 
 def rotary(x: torch.Tensor, # (B, H, S, Dh)
-           theta: float = 10000.0) -> torch.Tensor:
-    "Rotary position embedding (rotate-half form) for positions 0..S-1."
+           theta: float = 10000.0,
+           positions: torch.Tensor | None = None, # (B, S) or (S,) absolute positions; None = 0..S-1
+          ) -> torch.Tensor:
+    "Rotary position embedding (rotate-half form)."
     seq, dim = x.shape[-2], x.shape[-1]
     inv = 1.0 / theta ** (torch.arange(0, dim, 2, device=x.device, dtype=torch.float32) / dim)
-    ang = torch.arange(seq, device=x.device, dtype=torch.float32)[:, None] * inv
+    pos = torch.arange(seq, device=x.device, dtype=torch.float32) if positions is None else positions.to(x.device, torch.float32)
+    ang = pos[..., None] * inv                                  # (S, Dh/2) or (B, S, Dh/2)
+    if ang.ndim == 3: ang = ang[:, None]                        # (B, 1, S, Dh/2): the same for every head
     cos, sin = torch.cat([ang, ang], -1).cos().to(x.dtype), torch.cat([ang, ang], -1).sin().to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], -1) * sin
 
 class CausalSelfAttention(nn.Module):
-    "Multi-head causal attention with RoPE and a key-padding mask: (B, S, d) -> (B, S, d)."
-    def __init__(self, cfg: MoeLMConfig):
+    "Multi-head causal attention with RoPE, a key-padding mask and an optional KV cache: (B, S, d) -> (B, S, d)."
+    def __init__(self, cfg: MoeLMConfig, layer_idx: int = 0):
         super().__init__()
+        self.config, self.layer_idx = cfg, layer_idx  # the config is read at call time: `attn_implementation` can change
         self.n_heads, self.theta = cfg.n_heads, cfg.rope_theta
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, # (B, S, d)
+                attention_mask: torch.Tensor | None = None, # (B, past + S) 1 = real token
+                position_ids: torch.Tensor | None = None, # (B, S) positions; None = past..past+S-1
+                cache: Cache | None = None, # KV cache, updated in place
+                output_attentions: bool = False, # also return the (B, H, S, past + S) attention weights
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, s, d = x.shape
+        past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+        if position_ids is None: position_ids = torch.arange(past, past + s, device=x.device)
         q, k, v = self.qkv(x).view(b, s, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
-        q, k = rotary(q, self.theta), rotary(k, self.theta)
-        if attention_mask is None: y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
-            allowed = causal & attention_mask.bool()[:, None, None, :]
-            allowed = allowed | torch.eye(s, dtype=torch.bool, device=x.device)  # padding rows attend to themselves
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-        return self.proj(y.transpose(1, 2).reshape(b, s, d))
+        q, k = rotary(q, self.theta, position_ids), rotary(k, self.theta, position_ids)
+        if cache is not None: k, v = cache.update(k, v, self.layer_idx)
+        n_kv = k.shape[-2]
+        allowed = None
+        if attention_mask is not None or past:
+            q_pos, k_pos = torch.arange(past, past + s, device=x.device), torch.arange(n_kv, device=x.device)
+            allowed = k_pos[None, :] <= q_pos[:, None]                               # causal (S, past + S)
+            if attention_mask is not None:
+                allowed = allowed & attention_mask.bool()[:, None, None, :]
+                allowed = allowed | (k_pos[None, :] == q_pos[:, None])                # padding rows attend to themselves
+        weights = None
+        if output_attentions or self.config._attn_implementation == "eager":
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+            if allowed is None: allowed = torch.ones(s, n_kv, dtype=torch.bool, device=x.device).tril(n_kv - s)
+            weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1, dtype=torch.float32).to(q.dtype)
+            y = weights @ v
+        elif allowed is None: y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else: y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        return self.proj(y.transpose(1, 2).reshape(b, s, d)), weights if output_attentions else None
 
-class Block(nn.Module):
-    "Pre-norm decoder block; `ffn` is a SwiGLU or a MoELayer."
-    def __init__(self, cfg: MoeLMConfig, is_moe: bool):
+class Block(GradientCheckpointingLayer):
+    "Pre-norm decoder block; `ffn` is a SwiGLU or a MoELayer. Returns (x, MoEAux or None, attention weights or None)."
+    def __init__(self, cfg: MoeLMConfig, is_moe: bool, layer_idx: int = 0):
         super().__init__()
         self.norm1, self.norm2 = nn.RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps), nn.RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps)
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = CausalSelfAttention(cfg, layer_idx)
         self.ffn = MoELayer(cfg.moe_config()) if is_moe else SwiGLU(cfg.d_model, cfg.d_ff)
 
-    def forward(self, x, attention_mask=None):
-        x = x + self.attn(self.norm1(x), attention_mask)
-        h = self.ffn(self.norm2(x))
-        if isinstance(h, tuple): return x + h[0], h[1]
-        return x + h, None
+    def forward(self, x, attention_mask=None, position_ids=None, cache=None, output_attentions=False):
+        h, weights = self.attn(self.norm1(x), attention_mask, position_ids, cache, output_attentions)
+        x = x + h
+        if isinstance(self.ffn, MoELayer):
+            mask = None if attention_mask is None else attention_mask[:, -x.shape[1]:]  # this step's tokens
+            h, aux = self.ffn(self.norm2(x), mask)
+            return x + h, aux, weights
+        return x + self.ffn(self.norm2(x)), None, weights
 
 @dataclass
 class MoeLMOutput(ModelOutput):
@@ -538,9 +707,12 @@ class MoeLMOutput(ModelOutput):
     loss: torch.Tensor | None = None        # lm_loss + aux_loss_coef*aux_loss + z_loss_coef*z_loss (needs labels)
     logits: torch.Tensor | None = None      # (B, S, vocab)
     lm_loss: torch.Tensor | None = None     # next-token cross-entropy
-    aux_loss: torch.Tensor | None = None    # mean load-balancing loss over MoE layers (1 = balanced)
-    z_loss: torch.Tensor | None = None      # mean router z-loss over MoE layers
+    aux_loss: torch.Tensor | None = None    # load-balancing loss over MoE layers (mean or sum; 1 = balanced per layer)
+    z_loss: torch.Tensor | None = None      # router z-loss over MoE layers (mean or sum)
     router_stats: list | None = None        # one RoutingStats per MoE layer (output_router_stats=True)
+    cache: Cache | None = None              # the KV cache (use_cache=True)
+    hidden_states: tuple | None = None      # (n_layers + 1) x (B, S, d) with output_hidden_states=True
+    attentions: tuple | None = None         # n_layers x (B, H, S, past + S) with output_attentions=True
 
 class MoeLM(PreTrainedModel, GenerationMixin):
     "Decoder-only LM whose FFNs are MoE layers (`config.moe_layers`) or dense SwiGLUs."
@@ -548,11 +720,14 @@ class MoeLM(PreTrainedModel, GenerationMixin):
     base_model_prefix = "moelm"
     main_input_name = "input_ids"
     _supports_sdpa = True
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Block"]
+    _tied_weights_keys = {"lm_head.weight": "embed.weight"}  # tied only when config.tie_word_embeddings
 
     def __init__(self, config: MoeLMConfig):
         super().__init__(config)
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.blocks = nn.ModuleList([Block(config, i in config.moe_layers) for i in range(config.n_layers)])
+        self.blocks = nn.ModuleList([Block(self.config, i in config.moe_layers, i) for i in range(config.n_layers)])
         self.norm = nn.RMSNorm(config.d_model, eps=config.rms_norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.balancer: GlobalBalancer | None = None
@@ -564,49 +739,89 @@ class MoeLM(PreTrainedModel, GenerationMixin):
         std = self.config.initializer_range
         if isinstance(module, GroupedExperts):
             hf_init.normal_(module.w_gate_up, mean=0.0, std=std); hf_init.normal_(module.w_down, mean=0.0, std=std)
-        elif isinstance(module, Router): hf_init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, Router):
+            hf_init.normal_(module.weight, mean=0.0, std=std)
+            if module.expert_bias is not None: hf_init.zeros_(module.expert_bias)
+
+    def get_input_embeddings(self) -> nn.Embedding: return self.embed
+    def set_input_embeddings(self, value: nn.Embedding): self.embed = value
+    def get_output_embeddings(self) -> nn.Linear: return self.lm_head
+    def set_output_embeddings(self, value: nn.Linear): self.lm_head = value
 
     def set_balancer(self, balancer: GlobalBalancer | None) -> None:
         "Use `balancer` for the global LB scope (call `balancer.reset` after each optimizer step)."
         self.balancer = balancer
 
-    def forward(self, input_ids: torch.Tensor, # (B, S) token ids
-                attention_mask: torch.Tensor | None = None, # (B, S) 1 = real token
+    def forward(self, input_ids: torch.Tensor | None = None, # (B, S) token ids (or give inputs_embeds)
+                attention_mask: torch.Tensor | None = None, # (B, past + S) 1 = real token
                 labels: torch.Tensor | None = None, # (B, S) targets (shifted inside), -100 = ignore
                 output_router_stats: bool = False, # add one RoutingStats per MoE layer
-                **kwargs) -> MoeLMOutput:
-        if input_ids.ndim != 2: raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
-        if labels is not None and labels.shape != input_ids.shape:
-            raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
+                position_ids: torch.Tensor | None = None, # (B, S) rotary positions; None = past..past+S-1
+                cache: Cache | None = None, # KV cache from a previous call (transformers' `Cache`)
+                inputs_embeds: torch.Tensor | None = None, # (B, S, d) instead of input_ids
+                use_cache: bool | None = None, # return the KV cache; None = config.use_cache outside training
+                output_attentions: bool | None = None, # None = config.output_attentions
+                output_hidden_states: bool | None = None, # None = config.output_hidden_states
+                return_dict: bool | None = None, # False = a tuple; None = config.return_dict
+                past_key_values: Cache | None = None, # older transformers' name of `cache`
+                **kwargs) -> MoeLMOutput | tuple:
         cfg = self.config
+        if (input_ids is None) == (inputs_embeds is None): raise ValueError("give exactly one of input_ids and inputs_embeds")
+        if input_ids is not None and input_ids.ndim != 2: raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        if inputs_embeds is not None and (inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != cfg.d_model):
+            raise ValueError(f"inputs_embeds must be (batch, seq, d_model={cfg.d_model}), got shape {tuple(inputs_embeds.shape)}")
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        b, s = x.shape[:2]
+        cache = cache if cache is not None else past_key_values
+        use_cache = (cfg.use_cache and not self.training) if use_cache is None else use_cache
+        if use_cache and self.training and torch.is_grad_enabled() and any(blk.gradient_checkpointing for blk in self.blocks):
+            raise ValueError("use_cache=True with activation checkpointing in training: the replay would update the cache twice")
+        if use_cache and cache is None: cache = DynamicCache(config=cfg)
+        past = cache.get_seq_length() if cache is not None else 0
+        if attention_mask is not None and tuple(attention_mask.shape) != (b, past + s):
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != (batch, past + seq) = {(b, past + s)}")
+        if labels is not None and tuple(labels.shape) != (b, s):
+            raise ValueError(f"labels shape {tuple(labels.shape)} != (batch, seq) = {(b, s)}")
+        if position_ids is not None and position_ids.shape[-1] != s:
+            raise ValueError(f"position_ids must have the sequence length {s}, got shape {tuple(position_ids.shape)}")
+        output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = cfg.return_dict if return_dict is None else return_dict
         scope = cfg.lb_scope if (self.training or cfg.lb_scope != "global") else "micro"
         if scope == "global" and self.balancer is None:
             raise RuntimeError("config.lb_scope='global' needs model.set_balancer(GlobalBalancer(...)) before training")
-        x = self.embed(input_ids)
-        aux_losses, z_losses, stats = [], [], []
+        token_mask = None if attention_mask is None else attention_mask[:, -s:]
+        aux_losses, z_losses, stats, hidden, attentions = [], [], [], [], []
         for i, block in enumerate(self.blocks):
-            x, aux = block(x, attention_mask)
+            if output_hidden_states: hidden.append(x)
+            x, aux, weights = block(x, attention_mask, position_ids, cache, output_attentions)
+            if output_attentions: attentions.append(weights)
             if aux is None: continue
-            r = aux.router
+            r = aux.router  # the losses are computed here, outside a checkpointed block, so a replay cannot count twice
             probs, idx = r.probs.view(*aux.token_shape, -1), r.expert_idx.view(*aux.token_shape, -1)
-            aux_losses.append(load_balancing_loss(probs, idx, attention_mask, scope, self.balancer, layer=i))
-            z_losses.append(z_loss(r.logits, attention_mask))
-            if output_router_stats: stats.append(routing_stats(aux, attention_mask))
-        logits = self.lm_head(self.norm(x))
+            aux_losses.append(load_balancing_loss(probs, idx, token_mask, scope, self.balancer, layer=i))
+            z_losses.append(z_loss(r.logits, token_mask))
+            if output_router_stats: stats.append(routing_stats(aux, token_mask))
+        x = self.norm(x)
+        if output_hidden_states: hidden.append(x)
+        logits = self.lm_head(x)
         zero = logits.new_zeros(())
-        aux_loss = torch.stack(aux_losses).mean() if aux_losses else zero
-        zl = torch.stack(z_losses).mean() if z_losses else zero
+        combine = torch.mean if cfg.aux_loss_reduction == "mean" else torch.sum
+        aux_loss = combine(torch.stack(aux_losses)) if aux_losses else zero
+        zl = combine(torch.stack(z_losses)) if z_losses else zero
         lm_loss = loss = None
         if labels is not None:
             lm_loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).to(_router_dtype(logits.dtype)), labels[:, 1:].reshape(-1), ignore_index=-100)
             loss = lm_loss + cfg.aux_loss_coef * aux_loss + cfg.z_loss_coef * zl
-        return MoeLMOutput(loss, logits, lm_loss, aux_loss, zl, stats if output_router_stats else None)
+        out = MoeLMOutput(loss, logits, lm_loss, aux_loss, zl, stats if output_router_stats else None,
+                          cache if use_cache else None, tuple(hidden) if output_hidden_states else None,
+                          tuple(attentions) if output_attentions else None)
+        return out if return_dict else out.to_tuple()
 
-    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
-        "No KV cache: every generation step re-reads the whole prefix."
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=checkpoint, **kwargs):
+        "Like transformers', but the checkpoint is always non-reentrant (a reentrant one drops the router-loss gradient)."
+        func = partial(gradient_checkpointing_func, use_reentrant=False) if enable else gradient_checkpointing_func
+        super()._set_gradient_checkpointing(enable, func, **kwargs)
 
 def count_parameters(model: MoeLM, # a MoeLM (MoE or dense)
                     ) -> dict[str, int]: # total, active (per token), router
@@ -619,3 +834,8 @@ def count_parameters(model: MoeLM, # a MoeLM (MoE or dense)
             inactive += (m.cfg.n_experts - m.cfg.top_k) * per_expert
             router += m.router.weight.numel()
     return {"total": total, "active": total - inactive, "router": router}
+
+AutoConfig.register(MoeLMConfig.model_type, MoeLMConfig, exist_ok=True)
+AutoModelForCausalLM.register(MoeLMConfig, MoeLM, exist_ok=True)
+
+

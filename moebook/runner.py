@@ -13,10 +13,10 @@ from typing import Any, Sequence
 from .core import METRICS_ENV, atomic_write_text, to_jsonable
 
 # %% auto #0
-__all__ = ['SUPPORTED_TYPES', 'VERSIONED', 'QUIET_ENV', 'ParameterError', 'Param', 'parameters_cell', 'read_parameters', 'coerce',
-           'check_parameters', 'split_values', 'parse_sweep', 'expand_sweep', 'parse_shard', 'environment_info',
-           'run_id', 'effective_parameters', 'RunInterrupted', 'end_process_group', 'run_notebook', 'list_runs',
-           'completed_run', 'default_run', 'format_runs', 'main']
+__all__ = ['SUPPORTED_TYPES', 'VERSIONED', 'QUIET_ENV', 'INLINE_ENV', 'ParameterError', 'Param', 'parameters_cell',
+           'read_parameters', 'coerce', 'check_parameters', 'split_values', 'parse_sweep', 'expand_sweep',
+           'parse_shard', 'environment_info', 'run_id', 'effective_parameters', 'RunInterrupted', 'end_process_group',
+           'run_notebook', 'list_runs', 'completed_run', 'default_run', 'format_runs', 'main']
 
 # %% ../nbs/90_runner.ipynb #75db92a6
 class ParameterError(ValueError):
@@ -154,6 +154,9 @@ def parse_shard(text: str) -> tuple[int, int]:
 # %% ../nbs/90_runner.ipynb #6a7cbf1c
 VERSIONED = ("moebook", "torch", "transformers", "diffusers", "numpy", "papermill")
 QUIET_ENV = {"MOEBOOK_QUIET": "1", "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+# A kernel inherits MPLBACKEND; `Agg` from the caller's shell makes every plt.show() a silent no-op, so a
+# record would lose its figures. The kernel always gets Jupyter's inline backend.
+INLINE_ENV = {"MPLBACKEND": "module://matplotlib_inline.backend_inline"}
 
 def environment_info(repo: Path) -> dict[str, Any]:
     "Git commit (and whether the tree had uncommitted changes), Python and package versions."
@@ -209,6 +212,8 @@ def _kernel_manager_class(env: dict[str, str], pgids: list[int]):
     class RunKernelManager(AsyncKernelManager):
         async def start_kernel(self, **kw):
             kw["env"] = {**(kw.get("env") or os.environ), **env}
+            if self.kernel_name == "python3":  # ipykernel: no TCP-encryption warning per run
+                kw["extra_arguments"] = [*(kw.get("extra_arguments") or []), "--IPKernelApp.log_level=ERROR"]
             await super().start_kernel(**kw)
             if getattr(self.provisioner, "pgid", None): pgids.append(self.provisioner.pgid)
     return RunKernelManager
@@ -250,7 +255,7 @@ def run_notebook(notebook: str | Path, # the .ipynb to execute
               "pid": os.getpid(), "host": platform.node(), **environment_info(notebook.parent)}
     _write_record(run_dir, {**record, "status": "running", "error": None, "wall_time_s": None, "metrics": {}})
     pgids, box = [], {}
-    kernel_env = {METRICS_ENV: str(nb_metrics), **(QUIET_ENV if quiet else {})}
+    kernel_env = {METRICS_ENV: str(nb_metrics), **INLINE_ENV, **(QUIET_ENV if quiet else {})}
     def execute():
         try:
             pm.execute_notebook(notebook, run_dir / notebook.name, parameters=overrides, cwd=str(notebook.parent),
@@ -272,6 +277,7 @@ def run_notebook(notebook: str | Path, # the .ipynb to execute
         try:
             for pgid in pgids: end_process_group(pgid)  # the kernel (on interrupt) and any worker processes
             worker.join(60)
+            for pgid in pgids: end_process_group(pgid)  # one that started while we were stopping
             metrics = json.loads(nb_metrics.read_text()) if nb_metrics.exists() else {}
             nb_metrics.unlink(missing_ok=True)
             error = f"{interrupted} received" if interrupted else _error_text(box["error"]) if "error" in box else None

@@ -4,9 +4,10 @@
 
 # %% ../nbs/01a_train.ipynb #c8b52849
 from __future__ import annotations
-import contextlib, math, numbers, os, random, subprocess, sys, tempfile
+import argparse, contextlib, json, math, numbers, os, random, subprocess, sys, tempfile, time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
@@ -17,11 +18,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import core
 from .core import pick_device, seed_everything
+from .schedules import WarmupCosine
 
 # %% auto #0
 __all__ = ['CHECKPOINT_NAME', 'TrainConfig', 'batch_rng', 'shard_batch', 'model_loss', 'save_checkpoint', 'load_checkpoint',
            'remove_stale_temporaries', 'rng_state', 'set_rng_state', 'DistInfo', 'init_distributed',
-           'close_distributed', 'run_torchrun', 'make_optimizer', 'evaluate', 'train']
+           'close_distributed', 'run_torchrun', 'make_optimizer', 'evaluate', 'train', 'TinyRegressor',
+           'regression_batches', 'main']
 
 # %% ../nbs/01a_train.ipynb #bfc07d02
 def _check_int(name, value, minimum):
@@ -111,17 +114,8 @@ def model_loss(model: nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor
 CHECKPOINT_NAME = "latest.pt"
 
 def save_checkpoint(state: dict, path: str | Path) -> Path:
-    "`torch.save(state)` to `path` atomically (temporary file, fsync, `os.replace`)."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f); f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
-        raise
-    return path
+    "`torch.save(state)` to `path` atomically, with `moebook.core.atomic_write` (temporary file, fsync, `os.replace`)."
+    return core.atomic_write(path, lambda f: torch.save(state, f))
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict | None:
     "The checkpoint at `path`, or None if there is none. Checkpoints hold RNG states, so they are unpickled in full: load only your own."
@@ -313,3 +307,49 @@ def train(model: nn.Module, # `model(**batch).loss` is the loss unless `loss_fn`
         if ckpt_path is not None and ((cfg.ckpt_every and done % cfg.ckpt_every == 0) or done == cfg.max_steps):
             checkpoint(done)
     return history
+
+# %% ../nbs/01a_train.ipynb #8547b385
+class TinyRegressor(nn.Module):
+    "A two-layer regressor with dropout: `model(x (B, 4), y (B, 1)).loss` is the MSE."
+    def __init__(self, dropout: float = 0.1):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Dropout(dropout), nn.Linear(16, 1))
+
+    def forward(self, x, y):  # x: (B, 4), y: (B, 1)
+        return SimpleNamespace(loss=nn.functional.mse_loss(self.net(x), y))
+
+def regression_batches(rows: int = 8, seed: int = 0) -> Callable[[int, int], dict]:
+    "batches(step, micro) -> {'x': (rows, 4), 'y': (rows, 1)} with y = sin(sum x): a pure function of its arguments."
+    def get(step, micro):
+        x = torch.randn(rows, 4, generator=batch_rng(seed, step, micro))
+        return {"x": x, "y": x.sum(1, keepdim=True).sin()}
+    return get
+
+def main(argv: list[str] | None = None) -> None:
+    "`python -m moebook.train --out run.json [...]`: train `TinyRegressor`; rank 0 writes {history, weights} to `--out`."
+    ap = argparse.ArgumentParser(prog="python -m moebook.train", description=main.__doc__)
+    ap.add_argument("--out", required=True, help="JSON file for rank 0's history and final weights")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--rows", type=int, default=8, help="rows of the global batch of each micro-step")
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument("--ckpt-dir", default=None)
+    ap.add_argument("--ckpt-every", type=int, default=0)
+    ap.add_argument("--sleep", type=float, default=0.0, help="seconds to wait after each step (to be killed mid-run)")
+    ap.add_argument("--resume", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = TinyRegressor(args.dropout)
+    cfg = TrainConfig(max_steps=args.steps, lr=1e-2, grad_accum=args.grad_accum, ckpt_every=args.ckpt_every,
+                      ckpt_dir=args.ckpt_dir, progress=False, device="cpu")
+    hooks = [lambda: time.sleep(args.sleep)] if args.sleep else []
+    history = train(model, regression_batches(args.rows), cfg, WarmupCosine(1e-2, args.steps, 2, lr_min=1e-3),
+                    after_optimizer_step=hooks, resume=args.resume)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        weights = {k: v.tolist() for k, v in model.state_dict().items()}
+        core.atomic_write_text(args.out, json.dumps({"history": history, "weights": weights}))
+    close_distributed()
+
+# `python -m moebook.train`; a notebook kernel is `__main__` too, but has no module spec
+if __name__ == "__main__" and globals().get("__spec__") is not None: main()

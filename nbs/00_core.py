@@ -9,9 +9,9 @@
 # %%
 #| export
 from __future__ import annotations
-import json, math, os, random, tempfile
+import contextlib, json, math, os, random, tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import IO, Any, Callable, Iterable
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -91,17 +91,27 @@ def to_jsonable(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x): return str(x)  # JSON has no NaN/inf
     return x
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    "Write `text` to `path` through a temporary file and a rename, so readers never see half a file."
+def atomic_write(path: str | Path, # the file to (over)write; its folder is created if missing
+                 write: Callable[[IO[bytes]], Any], # writes the content to the binary file object it is given
+                ) -> Path:
+    "Write `path` through `write(f)` on a temporary file `.<name>.<random>.tmp` beside it, fsync, then `os.replace`."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f: f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f); f.flush(); os.fsync(f.fileno())  # the bytes are on disk before the rename publishes them
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp): os.unlink(tmp)
+        with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
         raise
+    folder = os.open(path.parent, os.O_RDONLY)  # and the rename itself survives a power cut
+    try: os.fsync(folder)
+    finally: os.close(folder)
     return path
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    "`atomic_write` of `text` encoded as UTF-8."
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 def record_metrics(**metrics) -> dict[str, Any]:
     "Record named metrics for this run; returns everything recorded so far."
@@ -112,6 +122,26 @@ def record_metrics(**metrics) -> dict[str, Any]:
         atomic_write_text(p, json.dumps({**old, **_recorded}, indent=2, sort_keys=True))
     return dict(_recorded)
 
+
+# %% [markdown]
+# `atomic_write` is the one way moebook writes a file that someone may read while it is being written
+# (metrics, manifests, checkpoints): a reader sees the old file or the new one, never half of one; a
+# writer that fails leaves the old file and no temporary behind; the data and the rename are fsync'ed,
+# so a crash right after the call does not lose the file.
+
+# %%
+class WriterCrash(Exception): pass
+def crash_half_way(f): f.write(b"half a file"); raise WriterCrash("the writer died")
+
+with tempfile.TemporaryDirectory() as d:
+    target = Path(d) / "sub" / "a.json"
+    synced, real_fsync = [], os.fsync
+    os.fsync = lambda fd: (synced.append(fd), real_fsync(fd))[1]
+    try: atomic_write_text(target, "caf\u00e9 1")
+    finally: os.fsync = real_fsync
+    test_eq(target.read_bytes(), "caf\u00e9 1".encode("utf-8")); test_eq(len(synced), 2)  # the file, then its folder
+    test_fail(lambda: atomic_write(target, crash_half_way), contains="the writer died")
+    test_eq(target.read_text(), "caf\u00e9 1"); test_eq([p.name for p in target.parent.iterdir()], ["a.json"])
 
 # %%
 with tempfile.TemporaryDirectory() as d:

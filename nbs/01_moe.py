@@ -30,14 +30,18 @@
 from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
+from functools import partial
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers import initialization as hf_init
+from transformers.cache_utils import Cache
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
+from torch.utils.checkpoint import checkpoint
 
 # %%
 import tempfile
@@ -73,10 +77,23 @@ z_loss_coef: float = 0.001  # router z-loss coefficient
 #
 # The DeepSeek preset follows the CPT paper's granular model (31 routed + 1 shared, k = 3, for E = 8): its
 # total and active parameters equal the Switch model's.
+#
+# Router details that Megatron-LM and DeepSeek users expect are options of any preset (defaults keep the
+# behaviour above):
+#
+# | option | default | what it does | follows |
+# |---|---|---|---|
+# | `score_function` | `"softmax"` | `"sigmoid"`: per-expert scores `s_i = σ(logit_i)`, gates from `s` (renormalised over the k chosen with `norm_topk_prob=True`) | DeepSeek-V3 |
+# | `routed_scaling_factor` | `1.0` | multiplies the k gates | DeepSeek-V2/V3 (`routed_scaling_factor`) |
+# | `enable_expert_bias` | `False` | auxiliary-loss-free balancing: a per-expert bias added to the scores *for the selection only* | DeepSeek-V3, Wang et al. 2024 |
+# | `bias_update_rate` | `1e-3` | the bias update speed `u` of that rule | DeepSeek-V3 (0.001) |
+# | `drop_policy` | `"position"` | with a capacity: which slots are dropped (`"position"`: token order; `"choice"`: every first choice before any second) | Megatron-LM / GShard |
 
 # %%
 #| export
 ROUTERS = ("softmax", "sinkhorn")
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
+DROP_POLICIES = ("position", "choice")
 LB_SCOPES = ("micro", "sequence", "global")
 FAMILIES = ("switch", "topk", "deepseek", "sinkhorn")
 
@@ -102,6 +119,11 @@ class MoEConfig:
     sinkhorn_tol: float = 0.01    # Sinkhorn stops when mean |d1_old - d1| < tol ...
     sinkhorn_max_iters: int = 100 # ... or after this many iterations (reported as non-converged)
     use_grouped_mm: bool = True   # use torch._grouped_mm where device/dtype/shape allow it
+    score_function: str = "softmax"     # softmax router: "softmax" or "sigmoid" (DeepSeek-V3) per-expert scores
+    routed_scaling_factor: float = 1.0  # the k gates are multiplied by this (DeepSeek-V2/V3)
+    enable_expert_bias: bool = False    # aux-loss-free balancing: per-expert bias on the scores, used only to select
+    bias_update_rate: float = 1e-3      # u of the bias sign rule (see `update_expert_bias`)
+    drop_policy: str = "position"       # capacity drops: "position" (Megatron) or "choice" (GShard: choice rank first)
 
     def __post_init__(self):
         for name in ("d_model", "d_ff_expert", "n_experts", "top_k", "sinkhorn_max_iters"): _check_int(name, getattr(self, name))
@@ -112,6 +134,13 @@ class MoEConfig:
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise ValueError(f"capacity_factor must be None (dropless) or > 0, got {self.capacity_factor!r}")
         if not self.sinkhorn_tol > 0: raise ValueError(f"sinkhorn_tol must be > 0, got {self.sinkhorn_tol!r}")
+        if self.score_function not in SCORE_FUNCTIONS:
+            raise ValueError(f"score_function must be one of {SCORE_FUNCTIONS}, got {self.score_function!r}")
+        if self.router == "sinkhorn" and (self.score_function != "softmax" or self.enable_expert_bias):
+            raise ValueError("router='sinkhorn' balances by itself: score_function='sigmoid' and enable_expert_bias apply to the softmax router only")
+        if not self.routed_scaling_factor > 0: raise ValueError(f"routed_scaling_factor must be > 0, got {self.routed_scaling_factor!r}")
+        if not self.bias_update_rate >= 0: raise ValueError(f"bias_update_rate must be >= 0, got {self.bias_update_rate!r}")
+        if self.drop_policy not in DROP_POLICIES: raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {self.drop_policy!r}")
 
     @property
     def d_ff_shared(self) -> int: return self.n_shared_experts * self.d_ff_expert
@@ -144,6 +173,9 @@ test_eq((ds.n_experts + ds.n_shared_experts) * ds.d_ff_expert, 8 * 256)  # same 
 test_fail(lambda: MoEConfig(n_experts=4, top_k=5), contains="top_k=5 > n_experts=4")
 test_fail(lambda: MoEConfig(router="hash"), contains="router must be one of")
 test_fail(lambda: MoEConfig(capacity_factor=0.0), contains="capacity_factor")
+test_fail(lambda: MoEConfig(score_function="tanh"), contains="score_function must be one of")
+test_fail(lambda: MoEConfig(router="sinkhorn", enable_expert_bias=True), contains="softmax router only")
+test_fail(lambda: MoEConfig(drop_policy="random"), contains="drop_policy must be one of")
 
 
 # %% [markdown]
@@ -158,6 +190,16 @@ test_fail(lambda: MoEConfig(capacity_factor=0.0), contains="capacity_factor")
 # matrix, but take the gates from the raw logits (sigmoid for k = 1, softmax otherwise) so the router still
 # gets a gradient. Megatron loops until convergence; we cap the iterations and report whether it converged.
 # At inference the selection is a plain top-k of the logits.
+#
+# **Scores, gates and the expert bias** (softmax router). The router turns the logits into per-expert scores
+# `s` (`softmax`, or `sigmoid` as in DeepSeek-V3), selects the top-k of `s + b` where `b` is the per-expert bias
+# of auxiliary-loss-free balancing (zero unless `enable_expert_bias`), and takes the gates from `s` alone, so
+# the bias steers *which* experts are chosen, never *how much* they count, and receives no gradient:
+#
+# `g_j = s_{e_j} / Σ_{j'} s_{e_j'}` (if `norm_topk_prob`, else `s_{e_j}`), then `g_j ← routed_scaling_factor · g_j`.
+#
+# `probs` (what the balancing loss and the entropy telemetry see) is the softmax, or for sigmoid scores the
+# scores normalised to sum 1 (DeepSeek-V3's `s'` and Megatron's sigmoid aux loss use the same normalisation).
 
 # %%
 #| export
@@ -182,11 +224,16 @@ def sinkhorn(logits: torch.Tensor, # (T, E) router logits
 class RouterOutput:
     "What the router decided for T tokens."
     logits: torch.Tensor      # (T, E) fp32 router logits
-    probs: torch.Tensor       # (T, E) fp32 softmax over all experts
+    probs: torch.Tensor       # (T, E) fp32 softmax over all experts (sigmoid scores: the scores normalised to sum 1)
     expert_idx: torch.Tensor  # (T, k) int64 chosen experts
     gates: torch.Tensor       # (T, k) fp32 gate weights of the chosen experts
     sinkhorn_iters: int = 0   # iterations Sinkhorn ran (0 = not used)
     sinkhorn_converged: bool = True
+
+def _check_finite_logits(logits: torch.Tensor) -> None:
+    if torch.compiler.is_compiling(): return  # a data-dependent branch would split the compiled graph
+    if not torch.isfinite(logits.sum()):  # one reduction instead of a (T, E) mask; sane finite logits cannot sum to inf
+        raise FloatingPointError("non-finite router logits (NaN or inf): check the inputs and the learning rate")
 
 class Router(nn.Module):
     "Linear router: (T, d_model) tokens -> `RouterOutput`. All router math runs in fp32."
@@ -195,13 +242,16 @@ class Router(nn.Module):
         self.cfg = cfg
         self.weight = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model))
         nn.init.normal_(self.weight, std=0.02)
+        # aux-loss-free balancing: selection-only bias (saved with the model) and the counts since the last update;
+        # the counts are a plain attribute, not a buffer, so DDP's buffer broadcast cannot overwrite a rank's own counts
+        self.register_buffer("expert_bias", torch.zeros(cfg.n_experts) if cfg.enable_expert_bias else None)
+        self.tokens_per_expert: torch.Tensor | None = None  # (E,) int64, filled by MoELayer in training mode
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
         cfg = self.cfg
         dtype = _router_dtype(x.dtype)
         logits = F.linear(x.to(dtype), self.weight.to(dtype))
-        if not torch.isfinite(logits.sum()):  # one reduction instead of a (T, E) mask; sane finite logits cannot sum to inf
-            raise FloatingPointError("non-finite router logits (NaN or inf): check the inputs and the learning rate")
+        _check_finite_logits(logits)
         probs = logits.softmax(dim=-1)
         if cfg.router == "sinkhorn":
             iters, converged = 0, True
@@ -212,8 +262,16 @@ class Router(nn.Module):
                 expert_idx = logits.topk(cfg.top_k, dim=-1).indices
             scores = torch.sigmoid(logits) if cfg.top_k == 1 else probs
             return RouterOutput(logits, probs, expert_idx, scores.gather(-1, expert_idx), iters, converged)
-        gates, expert_idx = probs.topk(cfg.top_k, dim=-1)
-        if cfg.norm_topk_prob: gates = gates / gates.sum(dim=-1, keepdim=True)
+        scores = probs
+        if cfg.score_function == "sigmoid":
+            scores = torch.sigmoid(logits)
+            probs = scores / scores.sum(dim=-1, keepdim=True)
+        if self.expert_bias is None: gates, expert_idx = scores.topk(cfg.top_k, dim=-1)
+        else:
+            expert_idx = (scores.detach() + self.expert_bias.to(dtype)).topk(cfg.top_k, dim=-1).indices
+            gates = scores.gather(-1, expert_idx)
+        if cfg.norm_topk_prob: gates = gates / gates.sum(dim=-1, keepdim=True).clamp(min=1e-20)
+        if cfg.routed_scaling_factor != 1.0: gates = gates * cfg.routed_scaling_factor
         return RouterOutput(logits, probs, expert_idx, gates)
 
 
@@ -233,21 +291,41 @@ load = torch.bincount(balanced.argmax(-1), minlength=8).float()
 assert load.max() / load.mean() < 1.5 and torch.bincount(skewed.argmax(-1), minlength=8).max() > 300, load
 _, it_capped, ok_capped = sinkhorn(skewed, tol=1e-12, max_iters=3)
 test_eq((it_capped, ok_capped), (3, False))
+# DeepSeek-V3 scoring, against its formula: sigmoid scores, top-k of scores + bias, gates from the scores only
+r3 = Router(MoEConfig(d_model=16, n_experts=6, top_k=2, score_function="sigmoid", norm_topk_prob=True,
+                      routed_scaling_factor=2.5, enable_expert_bias=True))
+r3.expert_bias.copy_(torch.tensor([0., 0, 0, 0, 0, 5.]))  # expert 5 is always chosen, yet its gate ignores the bias
+xr = torch.randn(10, 16); o3 = r3(xr)
+s3 = torch.sigmoid(xr @ r3.weight.T)
+test_eq((o3.expert_idx == 5).any(-1).all(), True)
+test_close(o3.gates, 2.5 * s3.gather(-1, o3.expert_idx) / s3.gather(-1, o3.expert_idx).sum(-1, keepdim=True), eps=1e-6)
+test_close(o3.probs, s3 / s3.sum(-1, keepdim=True), eps=1e-6)
 
 
 # %% [markdown]
 # ## Dispatch and grouped experts
 #
-# `dispatch` sorts the `T·k` token-slots by expert with a *stable* argsort (so ties keep token order, which
-# makes capacity dropping deterministic: earlier tokens win), counts the slots per expert and turns the
-# counts into the int32 cumulative end offsets `torch._grouped_mm` expects. With a capacity factor, slots
-# beyond an expert's capacity `ceil(cf·T·k/E)` are dropped and counted.
+# `dispatch` sorts the `T·k` token-slots by expert with a *stable* argsort, counts the slots per expert and
+# turns the counts into the int32 cumulative end offsets `torch._grouped_mm` expects. Slots of padding tokens
+# (`mask == 0`) are not dispatched at all: they reach no expert and take no capacity.
+#
+# With a capacity factor, each expert keeps `ceil(cf·T·k/E)` slots (T = real tokens) and the rest are dropped
+# and counted. *Which* slots win is the `drop_policy`:
+#
+# - `"position"` (Megatron-LM's default): slots in token order, so a token's second choice can take the last
+#   slot before a later token's first choice (`[[0, 1], [1, 0]]`, capacity 1: token 1 loses both slots);
+# - `"choice"` (GShard): every token's first choice is placed before any second choice, so later tokens
+#   keep their first choice while an earlier token's second choice is dropped (token 0 and token 1 keep one slot each).
+#
+# Without a capacity nothing is dropped and the policy changes nothing.
 #
 # `GroupedExperts` stores all routed experts as two 3-D weights, `w_gate_up (E, d, 2f)` (gate and up
 # projection fused into one grouped matmul) and `w_down (E, f, d)`, and runs them on the sorted tokens with
 # `torch._grouped_mm`. It needs fp32/bf16/fp16, rows aligned to 16 bytes and (on CUDA) an SM80+ GPU; elsewhere
 # (e.g. fp64 in the tests) it falls back to one matmul per expert over contiguous slices, which is the same
-# arithmetic.
+# arithmetic. The kernel is called through a small custom operator (`moebook::grouped_mm`) with its own
+# shape function and backward (two more grouped matmuls): `torch.compile` cannot trace `torch._grouped_mm`
+# itself in fp32 (its fake-tensor kernel accepts only bf16 in torch 2.13), and sees through ours.
 
 # %%
 #| export
@@ -261,22 +339,40 @@ class Dispatch:
     routed_counts: torch.Tensor  # (E,) int64 slots routed to each expert before capacity dropping
     dropped: int = 0         # token-slots dropped by the capacity limit
 
+def expert_counts(expert_idx: torch.Tensor, # (..., k) chosen experts
+                  n_experts: int, # E
+                  mask: torch.Tensor | None = None, # (...) 1 for real tokens, 0 for padding
+                 ) -> torch.Tensor: # (E,) int64 token-slots per expert over the real tokens
+    "How many token-slots each expert received (a fixed-size scatter-add, so `torch.compile` keeps static shapes)."
+    flat = expert_idx.reshape(-1)
+    weight = torch.ones_like(flat) if mask is None else \
+        mask.reshape(-1, 1).bool().expand(-1, expert_idx.shape[-1]).reshape(-1).to(flat.dtype)
+    return torch.zeros(n_experts, dtype=torch.int64, device=flat.device).index_add_(0, flat, weight)
+
 def dispatch(expert_idx: torch.Tensor, # (T, k) chosen experts
              n_experts: int, # E
              capacity: int | None = None, # max slots per expert; None = dropless
+             mask: torch.Tensor | None = None, # (T,) 1 = real token; padding slots are not dispatched
+             drop_policy: str = "position", # which slots a full expert drops: "position" or "choice" (see above)
             ) -> Dispatch:
-    "Group the T*k token-slots by expert (stable), optionally dropping slots beyond `capacity`."
-    top_k = expert_idx.shape[-1]
+    "Group the real tokens' T*k slots by expert (stable), optionally dropping slots beyond `capacity`."
+    if drop_policy not in DROP_POLICIES: raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {drop_policy!r}")
+    n_tokens, top_k = expert_idx.shape
+    if mask is not None and tuple(mask.shape) != (n_tokens,): raise ValueError(f"mask must have shape ({n_tokens},), got {tuple(mask.shape)}")
     flat = expert_idx.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    routed = torch.bincount(flat, minlength=n_experts)
+    if capacity is not None and drop_policy == "choice":
+        by_choice = torch.argsort(expert_idx.t().reshape(-1), stable=True)  # slot ids j*T + t, first choices first
+        order = (by_choice % n_tokens) * top_k + by_choice // n_tokens        # back to flat slot ids t*k + j
+    else: order = torch.argsort(flat, stable=True)
+    if mask is not None: order = order[mask.bool().repeat_interleave(top_k)[order]]
+    routed = expert_counts(expert_idx, n_experts, mask)
     counts, dropped = routed, 0
     if capacity is not None:
         starts = torch.cumsum(routed, 0) - routed
-        rank_in_expert = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
+        rank_in_expert = torch.arange(order.numel(), device=flat.device) - starts[flat[order]]
         keep = rank_in_expert < capacity
         order, counts = order[keep], routed.clamp(max=capacity)
-        dropped = int(flat.numel() - order.numel())
+        dropped = int((routed - counts).sum())
     offsets = torch.cumsum(counts, 0).to(torch.int32)
     return Dispatch(order // top_k, order, counts, offsets, routed, dropped)
 
@@ -286,6 +382,33 @@ def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     if x.device.type == "cuda": return torch.cuda.get_device_capability(x.device) >= (8, 0)
     return x.device.type == "cpu"
 
+if not hasattr(torch.ops.moebook, "grouped_mm"):  # define once per process (re-running this cell is harmless)
+    @torch.library.custom_op("moebook::grouped_mm", mutates_args=())
+    def _grouped_mm_op(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        "(S, d_in) rows x (G, d_in, d_out) weights -> (S, d_out): row-block g times w[g]."
+        return torch._grouped_mm(x.contiguous(), w, offs=offsets)
+
+    @_grouped_mm_op.register_fake
+    def _(x, w, offsets): return x.new_empty(x.shape[0], w.shape[-1])
+
+    @torch.library.custom_op("moebook::grouped_mm_weight_grad", mutates_args=())
+    def _grouped_mm_weight_grad(x: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        "(G, d_in, d_out): block g of x, transposed, times block g of grad (zeros for an empty group)."
+        return torch._grouped_mm(x.t(), grad.contiguous(), offs=offsets)
+
+    @_grouped_mm_weight_grad.register_fake
+    def _(x, grad, offsets): return x.new_empty(offsets.shape[0], x.shape[1], grad.shape[1])
+
+    def _grouped_mm_setup(ctx, inputs, output): ctx.save_for_backward(*inputs)
+
+    def _grouped_mm_backward(ctx, grad):
+        x, w, offsets = ctx.saved_tensors
+        gx = torch.ops.moebook.grouped_mm(grad, w.transpose(-2, -1), offsets) if ctx.needs_input_grad[0] else None
+        gw = torch.ops.moebook.grouped_mm_weight_grad(x, grad, offsets) if ctx.needs_input_grad[1] else None
+        return gx, gw, None
+
+    _grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+
 def grouped_mm(x: torch.Tensor, # (S, d_in) rows sorted by group
                w: torch.Tensor, # (G, d_in, d_out) one weight per group
                counts: torch.Tensor, # (G,) rows per group
@@ -293,7 +416,7 @@ def grouped_mm(x: torch.Tensor, # (S, d_in) rows sorted by group
                use_kernel: bool = True, # allow torch._grouped_mm
               ) -> torch.Tensor: # (S, d_out)
     "Row-block g of `x` times `w[g]`, with `torch._grouped_mm` when supported, else one matmul per group."
-    if use_kernel and _grouped_mm_ok(x, w): return torch._grouped_mm(x, w, offs=offsets)
+    if use_kernel and _grouped_mm_ok(x, w): return torch.ops.moebook.grouped_mm(x, w, offsets)
     blocks = x.split(counts.tolist())
     return torch.cat([xb @ w[g] for g, xb in enumerate(blocks)]) if blocks else x.new_zeros(0, w.shape[-1])
 
@@ -342,6 +465,20 @@ ref = torch.cat([xs[:2] @ ws[0], xs[2:] @ ws[2]])
 test_close(grouped_mm(xs, ws, cnt, off), ref, eps=1e-5)
 test_close(grouped_mm(xs, ws, cnt, off, use_kernel=False), ref, eps=1e-5)
 test_close(grouped_mm(xs.double(), ws.double(), cnt, off), ref.double(), eps=1e-5)  # fp64 falls back
+# the custom operator's backward (incl. an empty group) equals autograd through the per-group loop
+xg, wg = xs.clone().requires_grad_(), ws.clone().requires_grad_()
+gy = torch.randn(6, 4)
+ga = torch.autograd.grad(grouped_mm(xg, wg, cnt, off), [xg, wg], gy)
+gb = torch.autograd.grad(grouped_mm(xg, wg, cnt, off, use_kernel=False), [xg, wg], gy)
+for a_, b_ in zip(ga, gb): test_close(a_, b_, eps=1e-5)
+# capacity 1, routing [[0, 1], [1, 0]]: the drop policies differ exactly as described above
+pc = dispatch(torch.tensor([[0, 1], [1, 0]]), 2, capacity=1)
+test_eq((pc.token_idx.tolist(), pc.dropped), ([0, 0], 2))  # position: token 1 loses both slots
+cc = dispatch(torch.tensor([[0, 1], [1, 0]]), 2, capacity=1, drop_policy="choice")
+test_eq((cc.token_idx.tolist(), cc.slot_idx.tolist(), cc.dropped), ([0, 1], [0, 2], 2))  # choice: both keep their first choice
+# padding slots are not dispatched and take no capacity
+pm = dispatch(torch.tensor([[0, 1], [0, 1], [0, 1]]), 2, capacity=1, mask=torch.tensor([0, 1, 1]))
+test_eq((pm.token_idx.tolist(), pm.routed_counts.tolist(), pm.dropped), ([1, 1], [2, 2], 2))
 
 
 # %% [markdown]
@@ -352,12 +489,17 @@ test_close(grouped_mm(xs.double(), ws.double(), cnt, off), ref.double(), eps=1e-
 # expert's hidden width `f`, before the linear down projection: same result, fewer multiplications when
 # f < d) and scatter-adds the slots back with `index_add_`; the shared experts (if any) are added densely. It returns the output and a `MoEAux` record (router decisions + dispatch) from
 # which the losses and telemetry below are computed, so the layer itself has no notion of loss scope.
+# `forward(x, mask)` takes an optional token mask (1 = real): padding tokens get no routed expert (their
+# routed output is 0) and take no capacity; the capacity is computed from the real tokens.
 #
 # How fast is it? `benchmarks/moe_layer.py` times forward + backward of one layer against a FLOP-matched dense
 # SwiGLU and `transformers`' OLMoE block in the same process (results and commands in `benchmarks/README.md`).
 # On the 2-core CPU (fp32, 4096 tokens, d 256, 16 experts, top-4) this layer takes 1.31x the dense MLP's time
 # and is 1.31x faster than `transformers`' best. Its grouped matmuls alone cost 4 % more than the dense ones
 # with one thread (13 % with two); the rest of the gap is moving the `T·k` gathered rows in and out. No GPU timing has been taken yet.
+# `torch.compile(layer)` and `torch.compile(MoeLM(...))` work in fp32 and bf16 (one graph, no breaks, for the
+# softmax and sigmoid routers; Sinkhorn's convergence loop breaks the graph); `tests/test_moe.py` checks compiled
+# against eager, forward and backward, for every family.
 
 # %%
 #| export
@@ -382,30 +524,56 @@ class MoELayer(nn.Module):
         cf = self.cfg.capacity_factor
         return None if cf is None else math.ceil(cf * n_tokens * self.cfg.top_k / self.cfg.n_experts)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
+    def forward(self, x: torch.Tensor, # (..., d_model) tokens
+                mask: torch.Tensor | None = None, # (...) 1 = real token, 0 = padding (not routed)
+               ) -> tuple[torch.Tensor, MoEAux]:
         if x.ndim < 2 or x.shape[-1] != self.cfg.d_model:
             raise ValueError(f"MoELayer expects (..., d_model={self.cfg.d_model}), got shape {tuple(x.shape)}")
         lead, tokens = x.shape[:-1], x.reshape(-1, x.shape[-1])
+        if mask is not None and tuple(mask.shape) != tuple(lead):
+            raise ValueError(f"mask must have the token shape {tuple(lead)}, got {tuple(mask.shape)}")
+        m = None if mask is None else mask.reshape(-1)
         routing = self.router(tokens)
-        d = dispatch(routing.expert_idx, self.cfg.n_experts, self.capacity(tokens.shape[0]))
+        n_real = tokens.shape[0] if m is None or self.cfg.capacity_factor is None else int(m.bool().sum())
+        d = dispatch(routing.expert_idx, self.cfg.n_experts, self.capacity(n_real), m, self.cfg.drop_policy)
         gates = routing.gates.reshape(-1)[d.slot_idx].to(x.dtype)                 # (S,) gate of each sorted slot
         y = self.experts(tokens.index_select(0, d.token_idx), d.counts, d.offsets, gates)  # (S, d), gated
         out = torch.zeros_like(tokens).index_add_(0, d.token_idx, y)              # weighted scatter-add
         if self.shared is not None: out = out + self.shared(tokens)
+        if self.training and self.router.expert_bias is not None and not _recomputing(): self._count(d.routed_counts)
         return out.reshape(x.shape), MoEAux(routing, d.routed_counts, d.dropped, tuple(lead))
+
+    @torch.no_grad()
+    def _count(self, routed: torch.Tensor) -> None:
+        "Add this forward's routed counts to the router's counts since the last `update_expert_bias`."
+        r = self.router
+        r.tokens_per_expert = routed.detach().clone() if r.tokens_per_expert is None else r.tokens_per_expert + routed
+
+def _recomputing() -> bool:
+    "True while activation checkpointing re-runs a forward inside backward (its counts were already taken)."
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 def moe_reference(layer: MoELayer, # the layer whose weights to use
                   x: torch.Tensor, # (T, d_model)
+                  mask: torch.Tensor | None = None, # (T,) 1 = real token, 0 = padding (not routed)
                  ) -> torch.Tensor: # (T, d_model)
     "Naive per-token, per-slot loop with the same routing: the ground truth for the fast path."
-    routing, exp, out = layer.router(x), layer.experts, []
-    cap, used = layer.capacity(x.shape[0]), [0] * layer.cfg.n_experts
-    for t in range(x.shape[0]):
+    routing, exp, cfg = layer.router(x), layer.experts, layer.cfg
+    n_tok, k = routing.expert_idx.shape
+    real = [True] * n_tok if mask is None else [bool(v) for v in mask.tolist()]
+    cap, used, kept = layer.capacity(sum(real)), [0] * cfg.n_experts, set()
+    slots = [(t, j) for j in range(k) for t in range(n_tok)] if cfg.drop_policy == "choice" else \
+            [(t, j) for t in range(n_tok) for j in range(k)]  # the order in which slots claim capacity
+    for t, j in slots:
+        e = int(routing.expert_idx[t, j])
+        if not real[t] or (cap is not None and used[e] >= cap): continue
+        used[e] += 1; kept.add((t, j))
+    out = []
+    for t in range(n_tok):
         y = layer.shared(x[t]) if layer.shared is not None else torch.zeros_like(x[t])
-        for j in range(routing.expert_idx.shape[1]):
+        for j in range(k):
+            if (t, j) not in kept: continue
             e = int(routing.expert_idx[t, j])
-            if cap is not None and used[e] >= cap: continue
-            used[e] += 1
             gate, up = (x[t] @ exp.w_gate_up[e]).chunk(2)
             y = y + routing.gates[t, j].to(x.dtype) * ((F.silu(gate) * up) @ exp.w_down[e])
         out.append(y)
@@ -413,13 +581,13 @@ def moe_reference(layer: MoELayer, # the layer whose weights to use
 
 
 # %%
-def _check_against_loop(cfg, dtype, eps):
+def _check_against_loop(cfg, dtype, eps, mask=None):
     seed_everything(seed)
     layer = MoELayer(cfg).to(dtype)
     x = torch.randn(2, 12, cfg.d_model, dtype=dtype, requires_grad=True)
-    y, aux = layer(x)
+    y, aux = layer(x, mask)
     x2 = x.detach().clone().requires_grad_()
-    y_ref = moe_reference(layer, x2.reshape(-1, cfg.d_model)).reshape(x.shape)
+    y_ref = moe_reference(layer, x2.reshape(-1, cfg.d_model), None if mask is None else mask.reshape(-1)).reshape(x.shape)
     test_close(y, y_ref, eps=eps)
     g = torch.randn_like(y)
     grads = torch.autograd.grad(y, [x, *layer.parameters()], g)
@@ -433,7 +601,78 @@ for fam in FAMILIES:
 aux = _check_against_loop(MoEConfig(d_model=16, d_ff_expert=8, n_experts=4, top_k=2, capacity_factor=0.5), torch.float64, 1e-10)
 capacity = math.ceil(0.5 * 24 * 2 / 4)  # 24 tokens, k=2, E=4
 test_eq(aux.dropped, int((aux.routed_counts - capacity).clamp(min=0).sum())); assert aux.dropped > 0
+# the GShard drop policy, padding excluded from routing and capacity, and the DeepSeek-V3 options, all against the loop
+pad = torch.ones(2, 12); pad[1, 8:] = 0
+aux = _check_against_loop(MoEConfig(d_model=16, d_ff_expert=8, n_experts=4, top_k=2, capacity_factor=0.5, drop_policy="choice"), torch.float64, 1e-10, pad)
+test_eq(int(aux.routed_counts.sum()), 20 * 2)  # 20 real tokens, k = 2
+_check_against_loop(MoEConfig.family("deepseek", 16, 32, n_experts=4, score_function="sigmoid", norm_topk_prob=True,
+                                     routed_scaling_factor=2.5, enable_expert_bias=True), torch.float64, 1e-10)
 test_fail(lambda: MoELayer(MoEConfig(d_model=16))(torch.randn(3, 8)), contains="expects (..., d_model=16)")
+
+
+# %% [markdown]
+# ## Auxiliary-loss-free balancing (DeepSeek-V3)
+#
+# Instead of a balancing loss, each router keeps a per-expert bias `b` that is added to the scores only for the
+# top-k selection (see the router above) and is updated *outside* the gradient, once per optimizer step, from
+# the step's global expert counts `c_i` (all micro-steps, all data-parallel ranks): an overloaded expert's bias
+# goes down by `u`, an underloaded one's goes up by `u` (DeepSeek-V3 §2.1.2, `u = 0.001`; Wang et al. 2024):
+#
+# `b_i ← b_i + u · sign(c̄ − c_i)`, with `c̄` the mean count over experts (an expert exactly at the mean keeps its bias).
+#
+# The API is two calls. Build the model with `enable_expert_bias=True` (and usually `aux_loss_coef=0`); in
+# training mode every `MoELayer` adds its routed counts (real tokens only) to its router's running count;
+# after each `optimizer.step()` call `update_expert_bias(model)`: it stacks the counts of all layers,
+# all-reduces them once over the process group (when `torch.distributed` is initialised), applies the sign
+# rule with each layer's `bias_update_rate`, and zeroes the counts. A checkpointed forward that is re-run
+# during backward does not count twice. The bias is a buffer, so it is saved with the model and used for
+# selection at inference too.
+
+# %%
+#| export
+def expert_bias_update(bias: torch.Tensor, # (..., E) current bias
+                       counts: torch.Tensor, # (..., E) tokens routed to each expert over the step (global)
+                       rate: float, # u
+                      ) -> torch.Tensor: # (..., E) new bias
+    "DeepSeek-V3's sign rule: `b + u * sign(mean(c) - c)`."
+    c = counts.to(torch.float64)
+    return bias + rate * torch.sign(c.mean(-1, keepdim=True) - c).to(bias.dtype)
+
+@torch.no_grad()
+def update_expert_bias(model: nn.Module, # any module containing MoELayers with enable_expert_bias (DDP wrappers are fine)
+                       process_group: "dist.ProcessGroup | None" = None, # all-reduce group; None = default group if initialised
+                      ) -> list[torch.Tensor]: # per bias layer, the (E,) global counts the update used
+    "Apply the sign rule to every bias router from its counts since the last call (one all-reduce), then zero the counts."
+    layers = [m for m in model.modules() if isinstance(m, MoELayer) and m.router.expert_bias is not None]
+    if not layers: raise ValueError("update_expert_bias: the model has no MoELayer with enable_expert_bias=True")
+    sizes = [l.cfg.n_experts for l in layers]
+    counts = torch.cat([l.router.tokens_per_expert if l.router.tokens_per_expert is not None else
+                        torch.zeros(n, dtype=torch.int64, device=l.router.expert_bias.device) for l, n in zip(layers, sizes)])
+    if dist.is_available() and dist.is_initialized(): dist.all_reduce(counts, group=process_group)
+    per_layer = list(counts.split(sizes))
+    for l, c in zip(layers, per_layer):
+        l.router.expert_bias.copy_(expert_bias_update(l.router.expert_bias, c, l.cfg.bias_update_rate))
+        l.router.tokens_per_expert = None
+    return per_layer
+
+
+# %%
+test_eq(expert_bias_update(torch.zeros(4), torch.tensor([9, 1, 5, 5]), 0.1), torch.tensor([-0.1, 0.1, 0, 0]))  # mean 5: experts at the mean keep their bias
+seed_everything(seed)
+lf = MoELayer(MoEConfig(d_model=16, d_ff_expert=8, n_experts=4, top_k=1, enable_expert_bias=True, bias_update_rate=0.01))
+with torch.no_grad(): lf.router.weight.normal_(0, 0.3); lf.router.weight[0] += 1.0  # a router skewed to expert 0
+xb = torch.rand(64, 16)
+lf(xb[:32]); lf(xb[32:])  # one optimizer step of two micro-batches
+first = update_expert_bias(lf)[0]
+test_eq(first.tolist(), [64, 0, 0, 0]); test_close(lf.router.expert_bias, torch.tensor([-0.01, 0.01, 0.01, 0.01]))
+test_eq(lf.router.tokens_per_expert, None)  # counts reset after the update
+loads = []
+for _ in range(100): loads.append(lf(torch.rand(64, 16))[1].routed_counts.float()); update_expert_bias(lf)
+late = torch.stack(loads[-30:]).mean(0)
+assert (late.max() - late.mean()) / late.mean() < 0.5, late  # max-violation 3 at the start; the bias spreads the load
+lf(xb); lf.eval(); n_before = lf.router.tokens_per_expert.clone(); lf(xb)
+test_eq(lf.router.tokens_per_expert, n_before)  # training forwards count, evaluation does not
+test_fail(lambda: update_expert_bias(nn.Linear(2, 2)), contains="no MoELayer with enable_expert_bias")
 
 
 # %% [markdown]
@@ -453,8 +692,12 @@ test_fail(lambda: MoELayer(MoEConfig(d_model=16))(torch.randn(3, 8)), contains="
 #   `ours = transformers / k` when there is a single MoE layer.
 # - **Megatron-LM** (`switch_load_balancing_loss_func`): `coef · E · Σ_i (tokens_per_expert_i / (T·k)) · P_i`
 #   (with `P_i` summed over tokens and divided by T), so at perfect balance the loss equals the coefficient;
-#   `ours · coef` is the same number. Megatron adds it per layer; we average over layers, so the same
-#   coefficient is `n_moe_layers` times weaker here.
+#   `ours · coef` is the same number.
+#
+# **Across layers** `MoeLM` combines the per-layer losses by `config.aux_loss_reduction`: `"mean"` (default;
+# transformers' Mixtral / OLMoE, whose loss is pooled over layers and so does not grow with depth) or `"sum"`
+# (Switch Transformer and Megatron-LM add the loss of every MoE layer, so the same coefficient is
+# `n_moe_layers` times stronger than with `"mean"`). The z-loss is combined the same way (ST-MoE adds it per layer too).
 #
 # **Scope** is only about where the counts `f` come from:
 #
@@ -467,16 +710,6 @@ test_fail(lambda: MoELayer(MoEConfig(d_model=16))(torch.randn(3, 8)), contains="
 
 # %%
 #| export
-def expert_counts(expert_idx: torch.Tensor, # (..., k) chosen experts
-                  n_experts: int, # E
-                  mask: torch.Tensor | None = None, # (...) 1 for real tokens, 0 for padding
-                 ) -> torch.Tensor: # (E,) int64 token-slots per expert over the real tokens
-    "How many token-slots each expert received."
-    flat = expert_idx.reshape(-1)
-    if mask is None: return torch.bincount(flat, minlength=n_experts)
-    keep = mask.reshape(-1, 1).expand_as(expert_idx.reshape(-1, expert_idx.shape[-1])).reshape(-1).bool()
-    return torch.bincount(flat[keep], minlength=n_experts)
-
 def _check_routing_shapes(probs, expert_idx, mask):
     if probs.ndim < 2 or expert_idx.shape[:-1] != probs.shape[:-1]:
         raise ValueError(f"probs (..., E) and expert_idx (..., k) must share leading dims, got {tuple(probs.shape)} and {tuple(expert_idx.shape)}")
@@ -484,6 +717,11 @@ def _check_routing_shapes(probs, expert_idx, mask):
         raise ValueError(f"top_k={expert_idx.shape[-1]} > n_experts={probs.shape[-1]}")
     if mask is not None and tuple(mask.shape) != tuple(probs.shape[:-1]):
         raise ValueError(f"mask must have the token shape {tuple(probs.shape[:-1])}, got {tuple(mask.shape)}")
+    if expert_idx.is_floating_point(): raise ValueError(f"expert_idx must be integer expert ids, got {expert_idx.dtype}")
+    if expert_idx.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(expert_idx.min()), int(expert_idx.max())
+        if lo < 0 or hi >= probs.shape[-1]:
+            raise ValueError(f"expert ids must be in [0, {probs.shape[-1]}) (n_experts = probs.shape[-1]), got min {lo}, max {hi}")
 
 def load_balancing_loss(probs: torch.Tensor, # (..., E) full softmax router probabilities
                         expert_idx: torch.Tensor, # (..., k) chosen experts
@@ -520,6 +758,9 @@ def z_loss(logits: torch.Tensor, # (..., E) router logits
            mask: torch.Tensor | None = None, # (...) 1 = real token
           ) -> torch.Tensor: # scalar
     "ST-MoE router z-loss: mean over real tokens of logsumexp(logits)^2."
+    if mask is not None and mask.numel() * logits.shape[-1] != logits.numel():
+        raise ValueError(f"mask must have the token shape {tuple(logits.shape[:-1])}, got {tuple(mask.shape)}")
+    _check_finite_logits(logits)
     lse2 = torch.logsumexp(logits.to(_router_dtype(logits.dtype)), dim=-1) ** 2
     if mask is None: return lse2.mean()
     m = mask.to(lse2).reshape(lse2.shape)
@@ -600,6 +841,8 @@ test_fail(lambda: load_balancing_loss(probs_u, idx_u[:3]), contains="must share 
 test_fail(lambda: load_balancing_loss(probs_u, idx_u, scope="global"), contains="needs a GlobalBalancer")
 test_fail(lambda: load_balancing_loss(probs_u, idx_u, scope="batch"), contains="scope must be one of")
 test_close(z_loss(torch.zeros(3, 4)), math.log(4) ** 2, eps=1e-6)
+test_fail(lambda: z_loss(torch.tensor([[0., float("nan")]])), contains="non-finite router logits")
+test_fail(lambda: load_balancing_loss(probs_u, idx_u + 2), contains="expert ids must be in [0, 4)")
 # global scope, single process: a buffer over k micro-steps ends with the counts of one big batch
 bal = GlobalBalancer()
 big_idx = torch.randint(0, 4, (12, 2)); big_probs = torch.rand(12, 4).softmax(-1)
@@ -718,30 +961,47 @@ test_eq(cap.outputs[0][0].expert_idx, layer(x)[1].router.expert_idx)  # what the
 test_eq([c.shape for c in cap.expert_choices()], [(15, 2), (5, 2)])
 test_eq(len(layer._forward_hooks), 0)  # hooks removed on exit
 
-
 # %% [markdown]
 # ## MoeLM: a small decoder-only language model
 #
-# `MoeLM` is a `transformers` `PreTrainedModel` (so `save_pretrained` / `from_pretrained` / `generate` work)
-# with pre-norm blocks: RMSNorm → causal self-attention (torch SDPA, rotary positions) → RMSNorm → FFN, where
-# the FFN of the layers listed in `moe_layers` (default: all) is a `MoELayer` and the others a dense SwiGLU.
+# `MoeLM` is a `transformers` `PreTrainedModel` with pre-norm blocks: RMSNorm → causal self-attention (rotary
+# positions) → RMSNorm → FFN, where the FFN of the layers listed in `moe_layers` (default: all) is a `MoELayer`
+# and the others a dense SwiGLU. Importing `moebook.moe` registers it with the Auto classes, so
+# `AutoModelForCausalLM.from_pretrained(path)` loads a saved `MoeLM` (and `AutoConfig` its config).
 #
-# `forward(input_ids, attention_mask=None, labels=None, output_router_stats=False)` returns a `MoeLMOutput`:
+# `forward(input_ids, attention_mask=None, labels=None, output_router_stats=False, ...)` returns a `MoeLMOutput`:
 #
 # - `loss = lm_loss + aux_loss_coef · aux_loss + z_loss_coef · z_loss` (when `labels` are given; labels are
 #   shifted inside, `-100` is ignored);
-# - `aux_loss`, `z_loss`: means over the MoE layers (each layer's LB loss is 1 at perfect balance);
-#   padding (`attention_mask == 0`) is excluded from both;
+# - `aux_loss`, `z_loss`: the per-layer losses combined by `config.aux_loss_reduction` (`"mean"` or `"sum"`,
+#   see the balancing-loss section); padding (`attention_mask == 0`) is excluded from both, and padding tokens
+#   are not routed at all (they take no expert capacity);
 # - `router_stats`: one `RoutingStats` per MoE layer when `output_router_stats=True`.
+#
+# What a user of any `transformers` causal LM relies on works here too, each pinned by a test below:
+#
+# - **KV cache** (`use_cache`, a `transformers` `Cache`; default on outside training): `generate` feeds only
+#   the new token at each step; cached and uncached greedy generation agree. `position_ids` are accepted
+#   (generate derives them from the attention mask, so left-padded batches get the same positions as unpadded prompts);
+# - `attn_implementation`: `"sdpa"` (default, torch's fused attention) or `"eager"` (explicit softmax);
+#   `output_attentions=True` returns the attention weights (computed eagerly); `output_hidden_states=True` the
+#   embeddings plus every block's output (the last one after the final norm, as in `transformers`);
+# - `inputs_embeds` instead of `input_ids`; `return_dict=False` returns a tuple;
+# - `get_input_embeddings` / `get_output_embeddings` (so `resize_token_embeddings` and PEFT's
+#   `enable_input_require_grads` work), `tie_word_embeddings=True` ties `lm_head` to the embedding;
+# - activation checkpointing (`gradient_checkpointing_enable()`): always non-reentrant, because a reentrant
+#   checkpoint would run the router without autograd and silently drop the balancing-loss gradient. The
+#   recomputed forward neither adds expert-bias counts nor touches the global balancer twice (the losses are
+#   computed outside the checkpointed blocks).
 #
 # The LB scope is `config.lb_scope`. For `"global"` call `model.set_balancer(GlobalBalancer(...))` and register
 # `balancer.reset` after each optimizer step; the balancer is only used in training mode (evaluation uses the
-# micro scope so it does not pollute the buffer). With activation checkpointing the recomputed forward would
-# add its counts twice: not supported with the global scope. Generation recomputes the whole prefix at every
-# step (no KV cache): fine for the short demonstrations here.
+# micro scope so it does not pollute the buffer).
 
 # %%
 #| export
+AUX_REDUCTIONS = ("mean", "sum")
+
 class MoeLMConfig(PretrainedConfig):
     "Configuration of `MoeLM`; the MoE fields mirror `MoEConfig`."
     model_type = "moebook_moelm"
@@ -753,7 +1013,10 @@ class MoeLMConfig(PretrainedConfig):
                  n_experts: int = 8, num_experts_per_tok: int = 2, d_ff_expert: int = 128, n_shared_experts: int = 0,
                  router: str = "softmax", norm_topk_prob: bool = False, capacity_factor: float | None = None,
                  sinkhorn_tol: float = 0.01, sinkhorn_max_iters: int = 100,
+                 score_function: str = "softmax", routed_scaling_factor: float = 1.0,
+                 enable_expert_bias: bool = False, bias_update_rate: float = 1e-3, drop_policy: str = "position",
                  aux_loss_coef: float = 1e-2, z_loss_coef: float = 1e-3,
+                 aux_loss_reduction: str = "mean", # combine the per-layer router losses: "mean" (HF Mixtral) or "sum" (Switch, Megatron)
                  lb_scope: str = "micro",        # "micro", "sequence" or "global" (needs model.set_balancer)
                  rope_theta: float = 10000.0, rms_norm_eps: float = 1e-6, initializer_range: float = 0.02,
                  **kwargs):
@@ -763,23 +1026,30 @@ class MoeLMConfig(PretrainedConfig):
         self.d_ff_expert, self.n_shared_experts = d_ff_expert, n_shared_experts
         self.router, self.norm_topk_prob, self.capacity_factor = router, norm_topk_prob, capacity_factor
         self.sinkhorn_tol, self.sinkhorn_max_iters = sinkhorn_tol, sinkhorn_max_iters
+        self.score_function, self.routed_scaling_factor = score_function, routed_scaling_factor
+        self.enable_expert_bias, self.bias_update_rate, self.drop_policy = enable_expert_bias, bias_update_rate, drop_policy
         self.aux_loss_coef, self.z_loss_coef, self.lb_scope = aux_loss_coef, z_loss_coef, lb_scope
+        self.aux_loss_reduction = aux_loss_reduction
         self.rope_theta, self.rms_norm_eps, self.initializer_range = rope_theta, rms_norm_eps, initializer_range
         kwargs.setdefault("tie_word_embeddings", False)
-        kwargs.setdefault("use_cache", False)  # MoeLM has no KV cache
+        self.use_cache = kwargs.pop("use_cache", True)  # the KV cache (used by generate; not built in training mode)
         super().__init__(**kwargs)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff"): _check_int(name, getattr(self, name))
         if d_model % n_heads: raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
         if (d_model // n_heads) % 2: raise ValueError(f"head width d_model/n_heads={d_model // n_heads} must be even for RoPE")
         if bad := [i for i in self.moe_layers if not 0 <= i < n_layers]: raise ValueError(f"moe_layers {bad} out of range(0, {n_layers})")
         if lb_scope not in LB_SCOPES: raise ValueError(f"lb_scope must be one of {LB_SCOPES}, got {lb_scope!r}")
+        if aux_loss_reduction not in AUX_REDUCTIONS:
+            raise ValueError(f"aux_loss_reduction must be one of {AUX_REDUCTIONS}, got {aux_loss_reduction!r}")
         if self.moe_layers: self.moe_config()  # validate the MoE fields early
 
     def moe_config(self) -> MoEConfig:
         return MoEConfig(d_model=self.d_model, d_ff_expert=self.d_ff_expert, n_experts=self.n_experts, top_k=self.num_experts_per_tok,
                          router=self.router, norm_topk_prob=self.norm_topk_prob, n_shared_experts=self.n_shared_experts,
                          capacity_factor=self.capacity_factor, sinkhorn_tol=self.sinkhorn_tol,
-                         sinkhorn_max_iters=self.sinkhorn_max_iters)
+                         sinkhorn_max_iters=self.sinkhorn_max_iters, score_function=self.score_function,
+                         routed_scaling_factor=self.routed_scaling_factor, enable_expert_bias=self.enable_expert_bias,
+                         bias_update_rate=self.bias_update_rate, drop_policy=self.drop_policy)
 
     @classmethod
     def from_family(cls, family: str, # one of FAMILIES
@@ -791,6 +1061,7 @@ class MoeLMConfig(PretrainedConfig):
         moe = MoEConfig.family(family, d_model, d_ff, n_experts)
         fam = {f.name: getattr(moe, f.name) for f in fields(MoEConfig) if f.name not in ("d_model", "use_grouped_mm", "top_k")}
         fam["num_experts_per_tok"] = moe.top_k
+        if family == "sinkhorn": fam["aux_loss_coef"] = 0.0  # Megatron's Sinkhorn router balances without the LB loss
         return cls(d_ff=d_ff, **{**fam, **kwargs})
 
 def dense_matched(cfg: MoeLMConfig, # the MoE model's config
@@ -802,48 +1073,74 @@ def dense_matched(cfg: MoeLMConfig, # the MoE model's config
     return MoeLMConfig(**d)
 
 def rotary(x: torch.Tensor, # (B, H, S, Dh)
-           theta: float = 10000.0) -> torch.Tensor:
-    "Rotary position embedding (rotate-half form) for positions 0..S-1."
+           theta: float = 10000.0,
+           positions: torch.Tensor | None = None, # (B, S) or (S,) absolute positions; None = 0..S-1
+          ) -> torch.Tensor:
+    "Rotary position embedding (rotate-half form)."
     seq, dim = x.shape[-2], x.shape[-1]
     inv = 1.0 / theta ** (torch.arange(0, dim, 2, device=x.device, dtype=torch.float32) / dim)
-    ang = torch.arange(seq, device=x.device, dtype=torch.float32)[:, None] * inv
+    pos = torch.arange(seq, device=x.device, dtype=torch.float32) if positions is None else positions.to(x.device, torch.float32)
+    ang = pos[..., None] * inv                                  # (S, Dh/2) or (B, S, Dh/2)
+    if ang.ndim == 3: ang = ang[:, None]                        # (B, 1, S, Dh/2): the same for every head
     cos, sin = torch.cat([ang, ang], -1).cos().to(x.dtype), torch.cat([ang, ang], -1).sin().to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], -1) * sin
 
 class CausalSelfAttention(nn.Module):
-    "Multi-head causal attention with RoPE and a key-padding mask: (B, S, d) -> (B, S, d)."
-    def __init__(self, cfg: MoeLMConfig):
+    "Multi-head causal attention with RoPE, a key-padding mask and an optional KV cache: (B, S, d) -> (B, S, d)."
+    def __init__(self, cfg: MoeLMConfig, layer_idx: int = 0):
         super().__init__()
+        self.config, self.layer_idx = cfg, layer_idx  # the config is read at call time: `attn_implementation` can change
         self.n_heads, self.theta = cfg.n_heads, cfg.rope_theta
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, # (B, S, d)
+                attention_mask: torch.Tensor | None = None, # (B, past + S) 1 = real token
+                position_ids: torch.Tensor | None = None, # (B, S) positions; None = past..past+S-1
+                cache: Cache | None = None, # KV cache, updated in place
+                output_attentions: bool = False, # also return the (B, H, S, past + S) attention weights
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, s, d = x.shape
+        past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+        if position_ids is None: position_ids = torch.arange(past, past + s, device=x.device)
         q, k, v = self.qkv(x).view(b, s, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
-        q, k = rotary(q, self.theta), rotary(k, self.theta)
-        if attention_mask is None: y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
-            allowed = causal & attention_mask.bool()[:, None, None, :]
-            allowed = allowed | torch.eye(s, dtype=torch.bool, device=x.device)  # padding rows attend to themselves
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-        return self.proj(y.transpose(1, 2).reshape(b, s, d))
+        q, k = rotary(q, self.theta, position_ids), rotary(k, self.theta, position_ids)
+        if cache is not None: k, v = cache.update(k, v, self.layer_idx)
+        n_kv = k.shape[-2]
+        allowed = None
+        if attention_mask is not None or past:
+            q_pos, k_pos = torch.arange(past, past + s, device=x.device), torch.arange(n_kv, device=x.device)
+            allowed = k_pos[None, :] <= q_pos[:, None]                               # causal (S, past + S)
+            if attention_mask is not None:
+                allowed = allowed & attention_mask.bool()[:, None, None, :]
+                allowed = allowed | (k_pos[None, :] == q_pos[:, None])                # padding rows attend to themselves
+        weights = None
+        if output_attentions or self.config._attn_implementation == "eager":
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+            if allowed is None: allowed = torch.ones(s, n_kv, dtype=torch.bool, device=x.device).tril(n_kv - s)
+            weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1, dtype=torch.float32).to(q.dtype)
+            y = weights @ v
+        elif allowed is None: y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else: y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        return self.proj(y.transpose(1, 2).reshape(b, s, d)), weights if output_attentions else None
 
-class Block(nn.Module):
-    "Pre-norm decoder block; `ffn` is a SwiGLU or a MoELayer."
-    def __init__(self, cfg: MoeLMConfig, is_moe: bool):
+class Block(GradientCheckpointingLayer):
+    "Pre-norm decoder block; `ffn` is a SwiGLU or a MoELayer. Returns (x, MoEAux or None, attention weights or None)."
+    def __init__(self, cfg: MoeLMConfig, is_moe: bool, layer_idx: int = 0):
         super().__init__()
         self.norm1, self.norm2 = nn.RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps), nn.RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps)
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = CausalSelfAttention(cfg, layer_idx)
         self.ffn = MoELayer(cfg.moe_config()) if is_moe else SwiGLU(cfg.d_model, cfg.d_ff)
 
-    def forward(self, x, attention_mask=None):
-        x = x + self.attn(self.norm1(x), attention_mask)
-        h = self.ffn(self.norm2(x))
-        if isinstance(h, tuple): return x + h[0], h[1]
-        return x + h, None
+    def forward(self, x, attention_mask=None, position_ids=None, cache=None, output_attentions=False):
+        h, weights = self.attn(self.norm1(x), attention_mask, position_ids, cache, output_attentions)
+        x = x + h
+        if isinstance(self.ffn, MoELayer):
+            mask = None if attention_mask is None else attention_mask[:, -x.shape[1]:]  # this step's tokens
+            h, aux = self.ffn(self.norm2(x), mask)
+            return x + h, aux, weights
+        return x + self.ffn(self.norm2(x)), None, weights
 
 @dataclass
 class MoeLMOutput(ModelOutput):
@@ -851,9 +1148,12 @@ class MoeLMOutput(ModelOutput):
     loss: torch.Tensor | None = None        # lm_loss + aux_loss_coef*aux_loss + z_loss_coef*z_loss (needs labels)
     logits: torch.Tensor | None = None      # (B, S, vocab)
     lm_loss: torch.Tensor | None = None     # next-token cross-entropy
-    aux_loss: torch.Tensor | None = None    # mean load-balancing loss over MoE layers (1 = balanced)
-    z_loss: torch.Tensor | None = None      # mean router z-loss over MoE layers
+    aux_loss: torch.Tensor | None = None    # load-balancing loss over MoE layers (mean or sum; 1 = balanced per layer)
+    z_loss: torch.Tensor | None = None      # router z-loss over MoE layers (mean or sum)
     router_stats: list | None = None        # one RoutingStats per MoE layer (output_router_stats=True)
+    cache: Cache | None = None              # the KV cache (use_cache=True)
+    hidden_states: tuple | None = None      # (n_layers + 1) x (B, S, d) with output_hidden_states=True
+    attentions: tuple | None = None         # n_layers x (B, H, S, past + S) with output_attentions=True
 
 class MoeLM(PreTrainedModel, GenerationMixin):
     "Decoder-only LM whose FFNs are MoE layers (`config.moe_layers`) or dense SwiGLUs."
@@ -861,11 +1161,14 @@ class MoeLM(PreTrainedModel, GenerationMixin):
     base_model_prefix = "moelm"
     main_input_name = "input_ids"
     _supports_sdpa = True
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Block"]
+    _tied_weights_keys = {"lm_head.weight": "embed.weight"}  # tied only when config.tie_word_embeddings
 
     def __init__(self, config: MoeLMConfig):
         super().__init__(config)
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.blocks = nn.ModuleList([Block(config, i in config.moe_layers) for i in range(config.n_layers)])
+        self.blocks = nn.ModuleList([Block(self.config, i in config.moe_layers, i) for i in range(config.n_layers)])
         self.norm = nn.RMSNorm(config.d_model, eps=config.rms_norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.balancer: GlobalBalancer | None = None
@@ -877,49 +1180,89 @@ class MoeLM(PreTrainedModel, GenerationMixin):
         std = self.config.initializer_range
         if isinstance(module, GroupedExperts):
             hf_init.normal_(module.w_gate_up, mean=0.0, std=std); hf_init.normal_(module.w_down, mean=0.0, std=std)
-        elif isinstance(module, Router): hf_init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, Router):
+            hf_init.normal_(module.weight, mean=0.0, std=std)
+            if module.expert_bias is not None: hf_init.zeros_(module.expert_bias)
+
+    def get_input_embeddings(self) -> nn.Embedding: return self.embed
+    def set_input_embeddings(self, value: nn.Embedding): self.embed = value
+    def get_output_embeddings(self) -> nn.Linear: return self.lm_head
+    def set_output_embeddings(self, value: nn.Linear): self.lm_head = value
 
     def set_balancer(self, balancer: GlobalBalancer | None) -> None:
         "Use `balancer` for the global LB scope (call `balancer.reset` after each optimizer step)."
         self.balancer = balancer
 
-    def forward(self, input_ids: torch.Tensor, # (B, S) token ids
-                attention_mask: torch.Tensor | None = None, # (B, S) 1 = real token
+    def forward(self, input_ids: torch.Tensor | None = None, # (B, S) token ids (or give inputs_embeds)
+                attention_mask: torch.Tensor | None = None, # (B, past + S) 1 = real token
                 labels: torch.Tensor | None = None, # (B, S) targets (shifted inside), -100 = ignore
                 output_router_stats: bool = False, # add one RoutingStats per MoE layer
-                **kwargs) -> MoeLMOutput:
-        if input_ids.ndim != 2: raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
-        if labels is not None and labels.shape != input_ids.shape:
-            raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
+                position_ids: torch.Tensor | None = None, # (B, S) rotary positions; None = past..past+S-1
+                cache: Cache | None = None, # KV cache from a previous call (transformers' `Cache`)
+                inputs_embeds: torch.Tensor | None = None, # (B, S, d) instead of input_ids
+                use_cache: bool | None = None, # return the KV cache; None = config.use_cache outside training
+                output_attentions: bool | None = None, # None = config.output_attentions
+                output_hidden_states: bool | None = None, # None = config.output_hidden_states
+                return_dict: bool | None = None, # False = a tuple; None = config.return_dict
+                past_key_values: Cache | None = None, # older transformers' name of `cache`
+                **kwargs) -> MoeLMOutput | tuple:
         cfg = self.config
+        if (input_ids is None) == (inputs_embeds is None): raise ValueError("give exactly one of input_ids and inputs_embeds")
+        if input_ids is not None and input_ids.ndim != 2: raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        if inputs_embeds is not None and (inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != cfg.d_model):
+            raise ValueError(f"inputs_embeds must be (batch, seq, d_model={cfg.d_model}), got shape {tuple(inputs_embeds.shape)}")
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        b, s = x.shape[:2]
+        cache = cache if cache is not None else past_key_values
+        use_cache = (cfg.use_cache and not self.training) if use_cache is None else use_cache
+        if use_cache and self.training and torch.is_grad_enabled() and any(blk.gradient_checkpointing for blk in self.blocks):
+            raise ValueError("use_cache=True with activation checkpointing in training: the replay would update the cache twice")
+        if use_cache and cache is None: cache = DynamicCache(config=cfg)
+        past = cache.get_seq_length() if cache is not None else 0
+        if attention_mask is not None and tuple(attention_mask.shape) != (b, past + s):
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != (batch, past + seq) = {(b, past + s)}")
+        if labels is not None and tuple(labels.shape) != (b, s):
+            raise ValueError(f"labels shape {tuple(labels.shape)} != (batch, seq) = {(b, s)}")
+        if position_ids is not None and position_ids.shape[-1] != s:
+            raise ValueError(f"position_ids must have the sequence length {s}, got shape {tuple(position_ids.shape)}")
+        output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = cfg.return_dict if return_dict is None else return_dict
         scope = cfg.lb_scope if (self.training or cfg.lb_scope != "global") else "micro"
         if scope == "global" and self.balancer is None:
             raise RuntimeError("config.lb_scope='global' needs model.set_balancer(GlobalBalancer(...)) before training")
-        x = self.embed(input_ids)
-        aux_losses, z_losses, stats = [], [], []
+        token_mask = None if attention_mask is None else attention_mask[:, -s:]
+        aux_losses, z_losses, stats, hidden, attentions = [], [], [], [], []
         for i, block in enumerate(self.blocks):
-            x, aux = block(x, attention_mask)
+            if output_hidden_states: hidden.append(x)
+            x, aux, weights = block(x, attention_mask, position_ids, cache, output_attentions)
+            if output_attentions: attentions.append(weights)
             if aux is None: continue
-            r = aux.router
+            r = aux.router  # the losses are computed here, outside a checkpointed block, so a replay cannot count twice
             probs, idx = r.probs.view(*aux.token_shape, -1), r.expert_idx.view(*aux.token_shape, -1)
-            aux_losses.append(load_balancing_loss(probs, idx, attention_mask, scope, self.balancer, layer=i))
-            z_losses.append(z_loss(r.logits, attention_mask))
-            if output_router_stats: stats.append(routing_stats(aux, attention_mask))
-        logits = self.lm_head(self.norm(x))
+            aux_losses.append(load_balancing_loss(probs, idx, token_mask, scope, self.balancer, layer=i))
+            z_losses.append(z_loss(r.logits, token_mask))
+            if output_router_stats: stats.append(routing_stats(aux, token_mask))
+        x = self.norm(x)
+        if output_hidden_states: hidden.append(x)
+        logits = self.lm_head(x)
         zero = logits.new_zeros(())
-        aux_loss = torch.stack(aux_losses).mean() if aux_losses else zero
-        zl = torch.stack(z_losses).mean() if z_losses else zero
+        combine = torch.mean if cfg.aux_loss_reduction == "mean" else torch.sum
+        aux_loss = combine(torch.stack(aux_losses)) if aux_losses else zero
+        zl = combine(torch.stack(z_losses)) if z_losses else zero
         lm_loss = loss = None
         if labels is not None:
             lm_loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).to(_router_dtype(logits.dtype)), labels[:, 1:].reshape(-1), ignore_index=-100)
             loss = lm_loss + cfg.aux_loss_coef * aux_loss + cfg.z_loss_coef * zl
-        return MoeLMOutput(loss, logits, lm_loss, aux_loss, zl, stats if output_router_stats else None)
+        out = MoeLMOutput(loss, logits, lm_loss, aux_loss, zl, stats if output_router_stats else None,
+                          cache if use_cache else None, tuple(hidden) if output_hidden_states else None,
+                          tuple(attentions) if output_attentions else None)
+        return out if return_dict else out.to_tuple()
 
-    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
-        "No KV cache: every generation step re-reads the whole prefix."
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=checkpoint, **kwargs):
+        "Like transformers', but the checkpoint is always non-reentrant (a reentrant one drops the router-loss gradient)."
+        func = partial(gradient_checkpointing_func, use_reentrant=False) if enable else gradient_checkpointing_func
+        super()._set_gradient_checkpointing(enable, func, **kwargs)
 
 def count_parameters(model: MoeLM, # a MoeLM (MoE or dense)
                     ) -> dict[str, int]: # total, active (per token), router
@@ -932,6 +1275,10 @@ def count_parameters(model: MoeLM, # a MoeLM (MoE or dense)
             inactive += (m.cfg.n_experts - m.cfg.top_k) * per_expert
             router += m.router.weight.numel()
     return {"total": total, "active": total - inactive, "router": router}
+
+AutoConfig.register(MoeLMConfig.model_type, MoeLMConfig, exist_ok=True)
+AutoModelForCausalLM.register(MoeLMConfig, MoeLM, exist_ok=True)
+
 
 
 # %%
@@ -957,13 +1304,19 @@ test_fail(lambda: MoeLMConfig(num_experts_per_tok=9, n_experts=8), contains="top
 test_fail(lambda: MoeLMConfig(lb_scope="batch"), contains="lb_scope must be one of")
 g = MoeLM(MoeLMConfig(vocab_size=32, d_model=32, n_layers=1, n_experts=4, num_experts_per_tok=2, d_ff_expert=16, lb_scope="global"))
 test_fail(lambda: g(ids, labels=ids), contains="needs model.set_balancer")
-# save_pretrained / from_pretrained round trip and deterministic greedy generation
+# aux-loss accounting: "sum" adds the per-layer losses (Switch / Megatron), "mean" averages them (HF Mixtral)
+both = MoeLMConfig.from_family("topk", d_ff=64, n_experts=4, vocab_size=32, d_model=32, n_layers=3)
+seed_everything(seed); o_mean = MoeLM(both)(ids)
+seed_everything(seed); o_sum = MoeLM(MoeLMConfig(**{**both.to_dict(), "aux_loss_reduction": "sum"}))(ids)
+test_close(o_sum.aux_loss, 3 * o_mean.aux_loss, eps=1e-6); test_close(o_sum.z_loss, 3 * o_mean.z_loss, eps=1e-6)
+test_eq(MoeLMConfig.from_family("sinkhorn").aux_loss_coef, 0.0)  # Megatron's Sinkhorn router: no LB loss
+# AutoModelForCausalLM round trip; greedy generation with the KV cache equals the uncached one
 model.eval()
 with tempfile.TemporaryDirectory() as tmp:
-    model.save_pretrained(tmp); reloaded = MoeLM.from_pretrained(tmp).eval()
-test_close(reloaded(ids).logits, model(ids).logits, eps=1e-6)
+    model.save_pretrained(tmp); reloaded = AutoModelForCausalLM.from_pretrained(tmp).eval()
+test_eq(type(reloaded), MoeLM); test_close(reloaded(ids).logits, model(ids).logits, eps=1e-6)
 gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
-g1, g2 = model.generate(ids[:1, :4], **gen), reloaded.generate(ids[:1, :4], **gen)
+g1, g2 = model.generate(ids[:1, :4], **gen), reloaded.generate(ids[:1, :4], use_cache=False, **gen)
 test_eq(g1.shape, (1, 9)); test_eq(g1, g2)
 
 

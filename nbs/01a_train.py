@@ -32,9 +32,10 @@
 # %%
 #| export
 from __future__ import annotations
-import contextlib, math, numbers, os, random, subprocess, sys, tempfile
+import argparse, contextlib, json, math, numbers, os, random, subprocess, sys, tempfile, time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
@@ -45,11 +46,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from moebook import core
 from moebook.core import pick_device, seed_everything
+from moebook.schedules import WarmupCosine
 
 # %%
-import json, runpy, shutil, time
+import shutil
 from fastcore.test import test_eq, test_close, test_fail
-from moebook.schedules import WarmupCosine
 
 # %% tags=["parameters"]
 seed: int = 0  # seed of the model, the data and the loop
@@ -195,7 +196,7 @@ test_fail(lambda: model_loss(nn.Identity(), {"input": torch.zeros(1)}), contains
 # ## Checkpoints
 #
 # A checkpoint is one file, `<ckpt_dir>/latest.pt`. It is written to a temporary file in the same
-# folder, flushed to disk, then renamed over the old one with `os.replace`, which is atomic on POSIX:
+# folder, flushed to disk, then renamed over the old one with `os.replace` (`moebook.core.atomic_write`), which is atomic on POSIX:
 # a reader (or a resumed run) sees either the old complete file or the new complete file, never a
 # partial one, whatever kills the writer. A leftover temporary file from a killed writer is ignored
 # and removed on resume. The RNG states of python, NumPy and torch (and CUDA) are part of the
@@ -206,17 +207,8 @@ test_fail(lambda: model_loss(nn.Identity(), {"input": torch.zeros(1)}), contains
 CHECKPOINT_NAME = "latest.pt"
 
 def save_checkpoint(state: dict, path: str | Path) -> Path:
-    "`torch.save(state)` to `path` atomically (temporary file, fsync, `os.replace`)."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f); f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
-        raise
-    return path
+    "`torch.save(state)` to `path` atomically, with `moebook.core.atomic_write` (temporary file, fsync, `os.replace`)."
+    return core.atomic_write(path, lambda f: torch.save(state, f))
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict | None:
     "The checkpoint at `path`, or None if there is none. Checkpoints hold RNG states, so they are unpickled in full: load only your own."
@@ -495,16 +487,66 @@ def train(model: nn.Module, # `model(**batch).loss` is the loss unless `loss_fn`
 
 
 # %% [markdown]
-# ### Tests on a tiny model
+# ### A tiny model and `python -m moebook.train`
 #
 # A two-layer regressor with dropout (so resuming must restore the RNG) on batches that are a pure
-# function of `(step, micro_step)`. Both come from `tests/train_driver.py`, the script the test suite and the
-# DDP check below start as separate processes, so this notebook and the tests exercise the same model.
+# function of `(step, micro_step)`. `python -m moebook.train` trains it from the command line, as one
+# process or under `torchrun`, and writes rank 0's history and final weights to `--out` (JSON). The test
+# suite kills that command with `SIGKILL` and resumes it; the DDP check below runs it on 2 ranks and on 1
+# process. It ships with the package, so it runs wherever moebook is installed.
 
 # %%
-driver_script = runpy.run_path("../tests/train_driver.py")  # run as a module, not as __main__
-TinyRegressor, regression_batches = driver_script["TinyRegressor"], driver_script["regression_batches"]
+#| export
+class TinyRegressor(nn.Module):
+    "A two-layer regressor with dropout: `model(x (B, 4), y (B, 1)).loss` is the MSE."
+    def __init__(self, dropout: float = 0.1):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Dropout(dropout), nn.Linear(16, 1))
 
+    def forward(self, x, y):  # x: (B, 4), y: (B, 1)
+        return SimpleNamespace(loss=nn.functional.mse_loss(self.net(x), y))
+
+def regression_batches(rows: int = 8, seed: int = 0) -> Callable[[int, int], dict]:
+    "batches(step, micro) -> {'x': (rows, 4), 'y': (rows, 1)} with y = sin(sum x): a pure function of its arguments."
+    def get(step, micro):
+        x = torch.randn(rows, 4, generator=batch_rng(seed, step, micro))
+        return {"x": x, "y": x.sum(1, keepdim=True).sin()}
+    return get
+
+def main(argv: list[str] | None = None) -> None:
+    "`python -m moebook.train --out run.json [...]`: train `TinyRegressor`; rank 0 writes {history, weights} to `--out`."
+    ap = argparse.ArgumentParser(prog="python -m moebook.train", description=main.__doc__)
+    ap.add_argument("--out", required=True, help="JSON file for rank 0's history and final weights")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--rows", type=int, default=8, help="rows of the global batch of each micro-step")
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument("--ckpt-dir", default=None)
+    ap.add_argument("--ckpt-every", type=int, default=0)
+    ap.add_argument("--sleep", type=float, default=0.0, help="seconds to wait after each step (to be killed mid-run)")
+    ap.add_argument("--resume", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = TinyRegressor(args.dropout)
+    cfg = TrainConfig(max_steps=args.steps, lr=1e-2, grad_accum=args.grad_accum, ckpt_every=args.ckpt_every,
+                      ckpt_dir=args.ckpt_dir, progress=False, device="cpu")
+    hooks = [lambda: time.sleep(args.sleep)] if args.sleep else []
+    history = train(model, regression_batches(args.rows), cfg, WarmupCosine(1e-2, args.steps, 2, lr_min=1e-3),
+                    after_optimizer_step=hooks, resume=args.resume)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        weights = {k: v.tolist() for k, v in model.state_dict().items()}
+        core.atomic_write_text(args.out, json.dumps({"history": history, "weights": weights}))
+    close_distributed()
+
+# `python -m moebook.train`; a notebook kernel is `__main__` too, but has no module spec
+if __name__ == "__main__" and globals().get("__spec__") is not None: main()
+
+
+# %% [markdown]
+# ### Tests on a tiny model
+
+# %%
 def tiny(dropout=0.1): torch.manual_seed(0); return TinyRegressor(dropout)
 def weights(m): return {k: v.detach().clone() for k, v in m.state_dict().items()}
 def max_weight_diff(a, b): return max((weights(a)[k] - weights(b)[k]).abs().max().item() for k in weights(a))
@@ -538,16 +580,20 @@ with tempfile.TemporaryDirectory() as d:
 
 # %% [markdown]
 # **Gradient accumulation = big batch**: 2 micro-batches of 8 rows versus 1 batch of the same 16
-# rows (dropout off, since the masks would be drawn differently).
+# rows (dropout off, since the masks would be drawn differently). AdamW divides each update by the
+# running gradient size, so a gradient twice too large (a missing `/ grad_accum`) would still give
+# nearly the same weights. The check therefore compares the gradient norms (logged before clipping) and
+# uses `eps=1`, which makes the size of the update follow the size of the gradient.
 
 # %%
 big = regression_batches(rows=16)
 halves = lambda step, micro: {k: v[8 * micro: 8 * (micro + 1)] for k, v in big(step, 0).items()}
 a, b = tiny(0.0), tiny(0.0)
-ha = train(a, halves, TrainConfig(max_steps=10, grad_accum=2, lr=1e-2, progress=False, device="cpu"), sched)
-hb = train(b, big, TrainConfig(max_steps=10, lr=1e-2, progress=False, device="cpu"), sched)
-assert max_weight_diff(a, b) < 1e-5, max_weight_diff(a, b)
-test_close([r["loss"] for r in ha], [r["loss"] for r in hb], eps=1e-5)
+ha = train(a, halves, TrainConfig(max_steps=10, grad_accum=2, lr=1e-2, eps=1.0, progress=False, device="cpu"), sched)
+hb = train(b, big, TrainConfig(max_steps=10, lr=1e-2, eps=1.0, progress=False, device="cpu"), sched)
+test_close([r["grad_norm"] for r in ha], [r["grad_norm"] for r in hb], eps=1e-6)
+test_close([r["loss"] for r in ha], [r["loss"] for r in hb], eps=1e-6)
+assert max_weight_diff(a, b) < 1e-6, max_weight_diff(a, b)
 
 # %% [markdown]
 # Hooks run once per optimizer step, eval results and custom logs land in the history, bad
@@ -581,6 +627,7 @@ test_fail(lambda: train(nn.Identity(), regression_batches(), TrainConfig(progres
 
 # %%
 import matplotlib.pyplot as plt
+import moebook
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 from moebook.core import record_metrics
@@ -629,15 +676,11 @@ print(f"{sum(p.numel() for p in make_model().parameters()):,} parameters")
 
 # %%
 #| slow
+if not 0 < crash_step < steps: raise ValueError(f"crash_step must lie in [1, steps={steps}), got {crash_step}")
 torch.set_num_threads(1)  # per-run determinism does not depend on it; it keeps the 2-core machine responsive
 schedule = WarmupCosine(lr, total_steps=steps, warmup_steps=max(1, steps // 10), lr_min=lr / 10)
-ckpt_root = Path(tempfile.mkdtemp(prefix="moebook-train-"))
-def run_config(name): return TrainConfig(max_steps=steps, lr=lr, eval_every=max(1, steps // 10), ckpt_every=max(1, steps // 12),
-                                         ckpt_dir=str(ckpt_root / name), seed=seed, progress=progress, device="cpu")
-
-t0 = time.time()
-model_a = make_model(); hist_a = train(model_a, markov_batches(seed), run_config("a"), schedule, eval_fn=eval_loss)
-seconds_per_run = time.time() - t0
+def run_config(ckpt_dir): return TrainConfig(max_steps=steps, lr=lr, eval_every=max(1, steps // 10), ckpt_every=max(1, steps // 12),
+                                             ckpt_dir=ckpt_dir, seed=seed, progress=progress, device="cpu")
 
 class SimulatedCrash(Exception): pass
 def crash_after(n):
@@ -647,15 +690,23 @@ def crash_after(n):
         if count[0] == n: raise SimulatedCrash(f"crash after step {n}")
     return hook
 
-try: train(make_model(), markov_batches(seed), run_config("b"), schedule, eval_fn=eval_loss, after_optimizer_step=[crash_after(crash_step)])
-except SimulatedCrash as e: print(e)
-resumed_from = load_checkpoint(ckpt_root / "b" / CHECKPOINT_NAME)["step"]
-model_b = make_model(dropout=0.1)
-hist_b = train(model_b, markov_batches(seed), run_config("b"), schedule, eval_fn=eval_loss, resume=True)
+with tempfile.TemporaryDirectory(prefix="moebook-train-") as ckpt_root:  # removed however the cell ends
+    t0 = time.time()
+    model_a = make_model(); hist_a = train(model_a, markov_batches(seed), run_config(f"{ckpt_root}/a"), schedule, eval_fn=eval_loss)
+    seconds_per_run = time.time() - t0
+    try: train(make_model(), markov_batches(seed), run_config(f"{ckpt_root}/b"), schedule, eval_fn=eval_loss,
+               after_optimizer_step=[crash_after(crash_step)])
+    except SimulatedCrash as e: print(e)
+    else: raise AssertionError("the run did not crash")
+    resumed_from = load_checkpoint(Path(ckpt_root) / "b" / CHECKPOINT_NAME)["step"]
+    model_b = make_model(dropout=0.1)
+    hist_b = train(model_b, markov_batches(seed), run_config(f"{ckpt_root}/b"), schedule, eval_fn=eval_loss, resume=True)
 resume_weight_diff = max_weight_diff(model_a, model_b)
 resume_history_equal = hist_a == hist_b
 print(f"crashed after step {crash_step}, resumed from the checkpoint of step {resumed_from}; "
       f"histories equal: {resume_history_equal}, max |weight difference|: {resume_weight_diff}")
+assert resumed_from < crash_step, "the crash comes before its step's checkpoint: the resumed run redoes steps"
+assert resume_history_equal and resume_weight_diff == 0.0, "resuming is not exact"
 
 # %%
 #| slow
@@ -680,7 +731,7 @@ plt.tight_layout(); plt.show()
 #
 # Dropout is switched off for these two checks (masks are drawn per forward call, so a split batch
 # would draw different ones). Accumulation: 2 micro-batches of half the rows against 1 batch of all
-# rows. DDP: `torchrun --nproc_per_node 2` (gloo, CPU) on the test suite's driver script, 2 ranks x 4
+# rows. DDP: `torchrun --nproc_per_node 2 -m moebook.train` (gloo, CPU), 2 ranks x 4
 # rows x 2 micro-steps against 1 process x 8 rows x 2 micro-steps.
 
 # %%
@@ -695,26 +746,32 @@ hist_big = train(big_model, full_batches, TrainConfig(**quick), schedule)
 accum_weight_diff = max_weight_diff(acc, big_model)
 accum_rel_diff = accum_weight_diff / max_weight_diff(big_model, init)  # relative to how far the weights moved
 accum_loss_diff = max(abs(r["loss"] - s["loss"]) for r, s in zip(hist_acc, hist_big))
+accum_grad_norm_diff = max(abs(r["grad_norm"] - s["grad_norm"]) / s["grad_norm"] for r, s in zip(hist_acc, hist_big))
 print(f"grad accumulation vs big batch after {check_steps} steps: max |weight diff| {accum_weight_diff:.2e} "
-      f"= {accum_rel_diff:.1e} of the largest weight change, max |loss diff| {accum_loss_diff:.2e}")
+      f"= {accum_rel_diff:.1e} of the largest weight change, max |loss diff| {accum_loss_diff:.2e}, "
+      f"max relative grad-norm diff {accum_grad_norm_diff:.1e}")
+accum_ok = accum_rel_diff < 1e-2 and accum_loss_diff < 1e-5 and accum_grad_norm_diff < 1e-4
+assert accum_ok, "gradient accumulation does not match the big batch"
 
 # %%
 #| slow
 ddp_weight_diff = ddp_loss_diff = None
 if ddp_check:
-    driver = Path("../tests/train_driver.py").resolve()
-    if not driver.exists(): raise FileNotFoundError(f"DDP check needs the test driver script {driver} (run from nbs/)")
-    out_dir = Path(tempfile.mkdtemp(prefix="moebook-ddp-"))
-    env = {"PYTHONPATH": str(driver.parents[1]), "OMP_NUM_THREADS": "1"}
+    # the workers import the moebook this kernel imported, wherever the notebook runs
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(moebook.__file__).parents[1]), os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": "1"}
     common = ["--steps", "12", "--rows", "8", "--grad-accum", "2", "--dropout", "0.0"]
-    run_torchrun([driver, *common, "--out", out_dir / "ddp.json"], nproc=2, env=env, timeout=600)
-    r = subprocess.run([sys.executable, str(driver), *common, "--out", str(out_dir / "single.json")],
-                       env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
-    if r.returncode: raise RuntimeError(f"single-process driver failed:\n{r.stderr[-2000:]}")
-    ddp, single = (json.loads((out_dir / f"{n}.json").read_text()) for n in ("ddp", "single"))
+    with tempfile.TemporaryDirectory(prefix="moebook-ddp-") as out_dir:  # removed however the cell ends
+        run_torchrun(["-m", "moebook.train", *common, "--out", f"{out_dir}/ddp.json"], nproc=2, env=env, timeout=600)
+        r = subprocess.run([sys.executable, "-m", "moebook.train", *common, "--out", f"{out_dir}/single.json"],
+                           env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+        if r.returncode: raise RuntimeError(f"python -m moebook.train failed:\n{r.stderr[-2000:]}")
+        ddp, single = (json.loads(Path(f"{out_dir}/{n}.json").read_text()) for n in ("ddp", "single"))
     ddp_weight_diff = max((torch.tensor(ddp["weights"][k]) - torch.tensor(single["weights"][k])).abs().max().item() for k in ddp["weights"])
     ddp_loss_diff = max(abs(a["loss"] - b["loss"]) for a, b in zip(ddp["history"], single["history"]))
     print(f"torchrun 2 ranks vs 1 process: max |weight diff| {ddp_weight_diff:.2e}, max |loss diff| {ddp_loss_diff:.2e}")
+    assert len(ddp["history"]) == len(single["history"]) == 12
+    assert ddp_weight_diff < 1e-5 and ddp_loss_diff < 1e-5, "DDP does not match the single process"
 
 # %% [markdown]
 # ## Claim check
@@ -734,7 +791,7 @@ rows = [
     ("exact resume: crashed+resumed history == uninterrupted", f"equal={resume_history_equal}", resume_history_equal),
     ("exact resume: final weights identical", f"max |dw| = {resume_weight_diff:.1e}", resume_weight_diff == 0.0),
     ("grad accumulation (2 x B/2) == one batch of B", f"max |dw| = {accum_weight_diff:.1e} ({accum_rel_diff:.1e} of change), "
-     f"max |dloss| = {accum_loss_diff:.1e}", accum_rel_diff < 1e-2 and accum_loss_diff < 1e-5),
+     f"max |dloss| = {accum_loss_diff:.1e}", accum_ok),
     ("DDP (2 ranks, gloo) == single process", "not run" if ddp_weight_diff is None else f"max |dw| = {ddp_weight_diff:.1e}",
      None if ddp_weight_diff is None else ddp_weight_diff < 1e-5),
     ("the loop trains: held-out loss approaches the optimum", f"{final_eval:.3f} vs optimum {optimal_loss:.3f} (uniform {math.log(vocab):.3f})",
@@ -745,6 +802,7 @@ print(f"{'claim':55s} {'measured':68s} verdict")
 for claim, measured, ok in rows: print(f"{claim:55s} {measured:68s} {verdict[ok]}")
 _ = record_metrics(resume_history_equal=resume_history_equal, resume_max_weight_diff=resume_weight_diff,
                accum_max_weight_diff=accum_weight_diff, accum_relative_weight_diff=accum_rel_diff, accum_max_loss_diff=accum_loss_diff,
+               accum_max_relative_grad_norm_diff=accum_grad_norm_diff,
                ddp_max_weight_diff=ddp_weight_diff, ddp_max_loss_diff=ddp_loss_diff,
                final_eval_loss=final_eval, optimal_loss=optimal_loss, seconds_per_run=seconds_per_run)
 

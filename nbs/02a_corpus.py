@@ -911,6 +911,7 @@ print(f"micro-batches: {len(distinct_global)}; mean distinct domains per micro-b
 
 # %%
 #| slow
+#| output: asis
 if check_rebuild:
     with tempfile.TemporaryDirectory() as d:
         t0 = time.time(); rebuilt = load_corpus(recipe, d); rebuild_s = time.time() - t0

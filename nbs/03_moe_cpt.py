@@ -888,6 +888,7 @@ if "dense" in results:
 
 # %%
 #| slow
+#| output: asis
 def verdict(ok: bool | None) -> str: return "inconclusive (not run)" if ok is None else ("supported" if ok else "not supported")
 by = {(row["model"], row["replay"]): row for row in rows}
 claims = []

@@ -14,7 +14,16 @@
 #   seed, git commit, package versions, wall time and status (`ok`, `failed`, `interrupted`).
 #
 # The command line is `moebook run NOTEBOOK [-p NAME VALUE ...] [--sweep NAME=V1,V2 ...]`, `moebook runs`,
-# `moebook params` and `moebook claims`.
+# `moebook params` and `moebook claims`. For example (from the repository root):
+#
+# ```sh
+# moebook run nbs/02_global_lbl.ipynb -p steps 400 -p seed 1                # one run
+# moebook run nbs/02_global_lbl.ipynb --sweep lr=1e-3,3e-3 --sweep seed=0,1  # a sweep: 4 runs
+# moebook runs                                                              # table of recorded runs
+# ```
+#
+# Every committed notebook names its kernel and language, so plain papermill runs it too:
+# `papermill nbs/01b_schedules.ipynb out.ipynb -p plot_steps 200`.
 
 # %%
 #| default_exp runner
@@ -247,6 +256,9 @@ if demo:
 #| export
 VERSIONED = ("moebook", "torch", "transformers", "diffusers", "numpy", "papermill")
 QUIET_ENV = {"MOEBOOK_QUIET": "1", "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+# A kernel inherits MPLBACKEND; `Agg` from the caller's shell makes every plt.show() a silent no-op, so a
+# record would lose its figures. The kernel always gets Jupyter's inline backend.
+INLINE_ENV = {"MPLBACKEND": "module://matplotlib_inline.backend_inline"}
 
 def environment_info(repo: Path) -> dict[str, Any]:
     "Git commit (and whether the tree had uncommitted changes), Python and package versions."
@@ -304,6 +316,8 @@ def _kernel_manager_class(env: dict[str, str], pgids: list[int]):
     class RunKernelManager(AsyncKernelManager):
         async def start_kernel(self, **kw):
             kw["env"] = {**(kw.get("env") or os.environ), **env}
+            if self.kernel_name == "python3":  # ipykernel: no TCP-encryption warning per run
+                kw["extra_arguments"] = [*(kw.get("extra_arguments") or []), "--IPKernelApp.log_level=ERROR"]
             await super().start_kernel(**kw)
             if getattr(self.provisioner, "pgid", None): pgids.append(self.provisioner.pgid)
     return RunKernelManager
@@ -347,7 +361,7 @@ def run_notebook(notebook: str | Path, # the .ipynb to execute
               "pid": os.getpid(), "host": platform.node(), **environment_info(notebook.parent)}
     _write_record(run_dir, {**record, "status": "running", "error": None, "wall_time_s": None, "metrics": {}})
     pgids, box = [], {}
-    kernel_env = {METRICS_ENV: str(nb_metrics), **(QUIET_ENV if quiet else {})}
+    kernel_env = {METRICS_ENV: str(nb_metrics), **INLINE_ENV, **(QUIET_ENV if quiet else {})}
     def execute():
         try:
             pm.execute_notebook(notebook, run_dir / notebook.name, parameters=overrides, cwd=str(notebook.parent),
@@ -369,6 +383,7 @@ def run_notebook(notebook: str | Path, # the .ipynb to execute
         try:
             for pgid in pgids: end_process_group(pgid)  # the kernel (on interrupt) and any worker processes
             worker.join(60)
+            for pgid in pgids: end_process_group(pgid)  # one that started while we were stopping
             metrics = json.loads(nb_metrics.read_text()) if nb_metrics.exists() else {}
             nb_metrics.unlink(missing_ok=True)
             error = f"{interrupted} received" if interrupted else _error_text(box["error"]) if "error" in box else None

@@ -18,20 +18,27 @@ show_runs: bool = False  # list the recorded runs below the summary
 # make test   # venv + install, run the whole test suite (this is what CI runs)
 # ```
 #
+# `make test` on a fresh clone took 12 minutes on an idle 2-core machine (2026-12-02: 1.7 min install, 10.3 min of
+# tests, every notebook once as a papermill smoke run); `make test-fast` (no notebooks, no processes) takes about 1 minute.
+#
 # `make run` prints where the executed notebooks (`runs/`) and the website (`_site/index.html`) are.
 #
 # ### Run one experiment with parameters
 #
 # ```sh
-# .venv/bin/moebook run nbs/02_global_lbl.ipynb -p steps 400 -p seed 1      # one run
-# .venv/bin/moebook run nbs/02_global_lbl.ipynb -p lr 1e-3,3e-3 -p seed 0,1  # a sweep: 4 runs
-# .venv/bin/moebook runs                                                      # table of recorded runs
+# .venv/bin/moebook run nbs/02_global_lbl.ipynb -p steps 400 -p seed 1                # one run
+# .venv/bin/moebook run nbs/02_global_lbl.ipynb --sweep lr=1e-3,3e-3 --sweep seed=0,1  # a sweep: 4 runs
+# .venv/bin/moebook runs                                                              # table of recorded runs
+# .venv/bin/moebook claims nbs/05_vidcap_pseudolabels.ipynb runs                      # the claim ledger
 # ```
 #
 # Parameters are checked against the notebook's `parameters` cell before anything executes: an unknown
-# name or a value of the wrong type stops with exit code 2 and a message naming it. Each run writes
+# name or a value of the wrong type stops with exit code 2 and a message naming it. `-p` takes a value as
+# written (a comma is just a character); sweeps are explicit. Re-running a sweep skips the combinations
+# already recorded `ok` at the same clean commit (`--force` runs them again); interrupted and failed runs are
+# recorded with that status. Each run writes
 # `runs/<notebook>/<timestamp>-<hash>/` with the executed notebook and `metrics.json` (the notebook's
-# metrics, parameters, seed, git commit, package versions, wall time). To fan a sweep out over several
+# metrics and claim records, parameters, seed, git commit, package versions, wall time). To fan a sweep out over several
 # machines, give each machine the same command plus `--shard i/n` (machine `i` of `n` runs every
 # `n`-th combination), then copy the `runs/` folders together: `moebook runs` reads them all.
 #
@@ -72,7 +79,7 @@ show_runs: bool = False  # list the recorded runs below the summary
 # | [Global-batch load balancing](02_global_lbl.ipynb) | Qiu et al. 2025, "Demons in the Detail" (arXiv 2501.11873) | `moebook.global_lbl` | 3 min |
 # | [Continual pre-training of MoEs](03_moe_cpt.ipynb) | Thérien et al. 2025, "How robust is your router?" (arXiv 2503.05029) | `moebook.cpt` | 8 min |
 # | [Multilingual text-to-image (EnsAd)](04_mtti_ensad.ipynb) | Li et al., ACL 2023 (arXiv 2305.19216) | `moebook.mtti` | 3.5 min |
-# | [Video captioning from pseudolabels](05_vidcap_pseudolabels.ipynb) | Lialin et al. 2023 (arXiv 2304.02080) | `moebook.vidcap` | 5 min |
+# | [Video captioning from pseudolabels](05_vidcap_pseudolabels.ipynb) | Lialin et al. 2023 (arXiv 2304.02080) | `moebook.vidcap` | 8.5 min* |
 # | [Causal world models](06_causal_world_models.ipynb) | Gkountouras et al., ICLR 2025 (arXiv 2410.19923) | `moebook.causal` | 6.5 min |
 # | [Core utilities](00_core.ipynb) | seeds, metrics, progress bars, atomic files | `moebook.core` | 10 s |
 # | [Evidence: the claim ledger](00a_evidence.ipynb) | claim records, paired estimates with CIs and MDE, the verdict rule, paired runs | `moebook.evidence` | 15 s |
@@ -80,7 +87,9 @@ show_runs: bool = False  # list the recorded runs below the summary
 # | [Website builder](91_site.ipynb) | Quarto site or the nbconvert preview, README | `moebook.site` | 15 s |
 #
 # *Default run*: wall time of `moebook run nbs/<notebook>.ipynb` at its default parameters on an idle 2-core CPU
-# (measured 2026-11-23; all of them, as `make run` executes them: about 30 minutes).
+# (measured 2026-11-23; all of them, as `make run` executes them: about 30 minutes). \*The video-captioning
+# default was redesigned on 2026-12-02 on a loaded machine: its claim records hold 1,009 CPU-seconds, about
+# 8.5 minutes on 2 idle cores (30 minutes of wall time at load 6).
 #
 # Benchmarks live in `benchmarks/` (see its README for the commands and the recorded JSON results).
 

@@ -1,4 +1,4 @@
-import os, shutil, subprocess, sys
+import multiprocessing.process, os, shutil, subprocess, sys
 from pathlib import Path
 
 import pytest
@@ -30,3 +30,14 @@ def copy_project(dst: Path) -> Path:
 @pytest.fixture
 def project_copy(tmp_path):
     return copy_project(tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def no_process_in_fast_tests(request, monkeypatch):
+    "`make test-fast` (MOEBOOK_NO_SPAWN=1) starts no process: a test that starts one must be marked slow or distributed."
+    if os.environ.get("MOEBOOK_NO_SPAWN", "") in ("", "0"): return
+    if any(request.node.get_closest_marker(m) for m in ("slow", "distributed", "notebook")): return
+    def refuse(*args, **kwargs):
+        raise RuntimeError(f"{request.node.nodeid} starts a process: mark it @pytest.mark.slow (or distributed)")
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)

@@ -41,9 +41,30 @@ def test_matmul_floor_variants_do_the_flops_of_their_layer(bench):
         assert m.w1.grad.shape == m.w1.shape and m.w2.grad.shape == m.w2.shape
 
 
+@pytest.mark.slow
 def test_script_writes_its_json(bench, tmp_path):
     out = tmp_path / "r.json"
     bench.main([*TINY, "--repeats", "1", "--warmup", "0", "--out", str(out)])
     r = json.loads(out.read_text())
     assert set(r["median_ms"]) >= {"dense", "moebook", "matmuls_dense", "matmuls_grouped", "hf_grouped_mm"}
     assert r["shape"]["tokens"] == 64 and isinstance(r["target"]["within_1.1x_of_dense"], bool)
+
+
+@pytest.mark.slow
+def test_compiled_variants_compute_the_same_layer(bench):
+    args = bench.argparse.Namespace(tokens=64, d_model=32, experts=4, top_k=2, d_ff=16, compile=True,
+                                    only="moebook,dense,moebook_compiled,dense_compiled")
+    v = bench.build_variants(args, torch.float32, torch.device("cpu"))
+    x = torch.randn(64, 32)
+    torch.testing.assert_close(v["moebook_compiled"](x), v["moebook"](x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(v["dense_compiled"](x), v["dense"](x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_generate_script_cached_equals_uncached_and_writes_json(tmp_path):
+    spec = importlib.util.spec_from_file_location("generate_bench", ROOT / "benchmarks" / "generate.py")
+    gen = importlib.util.module_from_spec(spec); spec.loader.exec_module(gen)
+    out = tmp_path / "g.json"
+    r = gen.main(["--d-model", "32", "--layers", "1", "--experts", "2", "--vocab", "64", "--prompt", "8",
+                  "--new-tokens", "4", "--repeats", "1", "--threads", "1", "--out", str(out)])
+    assert json.loads(out.read_text())["new_tokens"] == 4 and set(r["tokens_per_s"]) == {"cached", "uncached"}

@@ -108,6 +108,8 @@ def test_flow_invertible_with_exact_logdet():
         assert torch.allclose(logdet[k], torch.linalg.slogdet(J)[1], atol=1e-9)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # minutes on a busy 2-core machine
 def test_crl_training_lowers_the_nll():
     d = collect_interactions(6, 10, seed=0)
     x = torch.randn(6, 11, 4)

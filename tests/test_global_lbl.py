@@ -4,14 +4,14 @@ count buffer accumulates over gradient-accumulation steps and is reset after eac
 
 Runs itself as the torchrun worker: `torchrun --nproc_per_node 2 tests/test_global_lbl.py --worker OUT.json`.
 """
-import copy, json, os, sys
+import copy, dataclasses, json, os, sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from moebook.global_lbl import SampledBalancer, block_routes
-from moebook.moe import GlobalBalancer, MoeLM, MoeLMConfig, capture_routing, expert_counts
+from moebook.global_lbl import ExperimentConfig, SampledBalancer, block_routes, make_balancer, run_key
+from moebook.moe import GlobalBalancer, MoeLM, MoeLMConfig, capture_routing, expert_counts, update_expert_bias
 from moebook.train import TrainConfig, batch_rng, run_torchrun, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,6 +83,7 @@ def ddp(tmp_path_factory):
     return json.loads(out.read_text())
 
 
+@pytest.mark.distributed
 def test_two_ranks_global_equals_one_process_on_concatenated_batch(ddp):
     # reference without any balancer: the micro scope on the whole concatenated batch *is* the global loss
     ref = run("micro", 1, None)
@@ -93,6 +94,7 @@ def test_two_ranks_global_equals_one_process_on_concatenated_batch(ddp):
     assert max(abs(x) for row in ref["grads"]["blocks.0.ffn.router.weight"] for x in row) > 1e-3
 
 
+@pytest.mark.distributed
 def test_two_ranks_with_accumulation_equal_one_process_buffer(ddp):
     ref = run("global", 2, GlobalBalancer())  # one process, 2 accumulation steps of the 4 rows, count buffer
     assert max_diff(ddp["accum2"]["grads"], ref["grads"]) < 1e-6
@@ -101,6 +103,7 @@ def test_two_ranks_with_accumulation_equal_one_process_buffer(ddp):
     assert max_diff(ref["grads"], run("micro", 2, None)["grads"], "router") > 1e-4
 
 
+@pytest.mark.distributed
 def test_world_size_scale_error_is_caught(ddp):
     ref = run("micro", 1, None)
     err_router = max_diff(ddp["scaled"]["grads"], ref["grads"], "router")
@@ -156,6 +159,66 @@ def test_sampled_balancer_through_train_matches_global_when_sample_is_everything
     train(model, batches, train_cfg(1), loss_fn=sampled_loss, after_optimizer_step=[bal.reset])
     grads = {k: ((w0[k] - v) * EPS).tolist() for k, v in model.state_dict().items()}
     assert max_diff(grads, ref["grads"]) < 1e-6
+
+
+class FractionRecorder:
+    "Wraps a balancer's fractions to record (layer, f) of every call."
+    def __init__(self, balancer):
+        self.calls, self.inner = [], balancer.fractions
+        balancer.fractions = self
+
+    def __call__(self, counts, layer=0, top_k=1):
+        f, norm = self.inner(counts, layer, top_k)
+        self.calls.append((layer, f.clone()))
+        return f, norm
+
+
+def test_global_full_f_is_the_whole_steps_f_at_every_micro_step():
+    "global_full: at every micro-step f = the expert fractions of the whole step (one forward of all its tokens)."
+    n_micro = 3
+    cfg = ExperimentConfig(n_micro=n_micro, batch_size=ROWS, seq_len=SEQ)
+    step_ids = torch.stack([batches(0, m)["input_ids"] for m in range(n_micro)])  # (M, ROWS, SEQ)
+    model = tiny_model("global").train()
+    whole = routing_counts(copy.deepcopy(model).eval(), step_ids.reshape(-1, SEQ))  # independent: one big forward
+    for variant, exact in (("global_full", True), ("global", False)):
+        m = copy.deepcopy(model); bal = make_balancer(variant, cfg); m.set_balancer(bal); rec = FractionRecorder(bal)
+        if isinstance(bal, SampledBalancer): bal.prepare(m, step_ids, step=0)
+        for j in range(n_micro): m(input_ids=step_ids[j], labels=step_ids[j])
+        assert len(rec.calls) == n_micro * 2  # micro-steps x MoE layers
+        first = {layer: f for layer, f in rec.calls[:2]}
+        for layer, f in (rec.calls if exact else first.items()):
+            ref = whole[layer].double() / whole[layer].sum()
+            # global_full: exact at every micro-step; the running buffer (Algorithm 1) is not, at micro-step 0
+            assert torch.allclose(f, ref, atol=1e-12) == exact, (variant, layer)
+
+
+def test_run_key_changes_with_every_setting():
+    base = ExperimentConfig()
+    keys = {run_key("micro", base)}
+    for f in dataclasses.fields(ExperimentConfig):
+        v = getattr(base, f.name)
+        new = "cuda" if f.name == "device" else v + 1 if isinstance(v, int) else v * 2 + 0.5
+        key = run_key("micro", dataclasses.replace(base, **{f.name: new}))
+        assert key not in keys, f"changing {f.name} reuses a checkpoint folder: {key}"
+        keys.add(key)
+    assert run_key("global", base) not in keys
+    assert run_key("micro", base) == run_key("micro", ExperimentConfig())  # and it is stable
+
+
+def test_loss_free_bias_moves_against_a_constructed_imbalance():
+    "The loss_free model: no balance loss; after a step the bias falls for overloaded experts and rises for idle ones."
+    cfg = ExperimentConfig(d_model=16, n_heads=2, n_experts=4, top_k=2, d_ff_expert=8, bias_update_rate=0.01)
+    torch.manual_seed(0)
+    model = MoeLM(cfg.model_config(VOCAB, "micro", loss_free=True)).train()
+    routers = [b.ffn.router for b in model.blocks]
+    assert model.config.aux_loss_coef == 0.0 and all(r.expert_bias is not None for r in routers)
+    for r in routers: r.expert_bias.copy_(torch.tensor([5.0, 5.0, 0.0, 0.0]))  # every token picks experts 0 and 1
+    ids = batches(0, 0)["input_ids"]
+    with capture_routing(model) as cap: model(input_ids=ids, labels=ids)
+    for outs in cap.outputs: assert set(outs[0].expert_idx.unique().tolist()) == {0, 1}
+    update_expert_bias(model)
+    for r in routers:
+        assert torch.allclose(r.expert_bias, torch.tensor([4.99, 4.99, 0.01, 0.01])), r.expert_bias
 
 
 if __name__ == "__main__" and "--worker" in sys.argv:

@@ -13,6 +13,7 @@ def _files(d):
     return {p.relative_to(d): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file() and "__pycache__" not in p.parts}
 
 
+@pytest.mark.slow
 def test_nbdev_export_reproduces_package(project_copy):
     before = _files(project_copy / "moebook")
     subprocess.run([BIN / "nbdev_export"], cwd=project_copy, check=True, capture_output=True)
@@ -22,6 +23,7 @@ def test_nbdev_export_reproduces_package(project_copy):
     assert not changed, f"moebook/ differs from what nbdev_export writes: {changed}"
 
 
+@pytest.mark.slow
 def test_nbdev_clean_leaves_no_diff(project_copy):
     before = _files(project_copy / "nbs")
     subprocess.run([BIN / "nbdev_clean"], cwd=project_copy, check=True, capture_output=True)
@@ -30,6 +32,7 @@ def test_nbdev_clean_leaves_no_diff(project_copy):
     assert not changed, f"notebooks are not clean, run `make clean-nbs`: {changed}"
 
 
+@pytest.mark.slow
 def test_parameters_tag_survives_cleaning(project_copy):
     subprocess.run([BIN / "nbdev_clean"], cwd=project_copy, check=True, capture_output=True)
     for nb in sorted((project_copy / "nbs").glob("*.ipynb")):

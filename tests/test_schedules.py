@@ -19,7 +19,7 @@ def test_warmup_cosine_boundaries(warmup, total):
     assert s(warmup) == 2e-3
     assert s(total) == 2e-4 and s(total + 1000) == 2e-4
     vals = schedule_values(s, total + 3)
-    assert all(2e-4 <= v <= 2e-3 or (v == 1e-4 and t == 0) for t, v in enumerate(vals))
+    assert all(2e-4 <= v <= 2e-3 for v in vals[1:])  # vals[0] is checked above
     up, down = vals[: warmup + 1], vals[warmup:]
     assert up == sorted(up) and down == sorted(down, reverse=True)
 
@@ -75,8 +75,12 @@ def test_infinite_schedule_phases(shape):
 
 def test_inverse_sqrt_cooldown_is_front_loaded_versus_cosine():
     inv, cos = InfiniteSchedule(0, 100), InfiniteSchedule(0, 100, cooldown="cosine")
-    assert inv(25) < cos(25)  # drops faster at first
-    assert inv(90) < cos(90) or inv(90) - cos(90) < 2e-5  # both end at lr_const
+    assert inv(0) == cos(0) == inv.lr_max
+    assert all(inv(t) < cos(t) for t in range(1, 91))  # drops faster at first, for most of the cooldown
+    assert sum(schedule_values(inv, 100)) < 0.95 * sum(schedule_values(cos, 100))
+    for sched in (inv, cos):  # both end at lr_const, without a jump onto it
+        assert abs(sched(99) - sched.lr_const) < 0.01 * (sched.lr_max - sched.lr_const)
+        assert sched(100) == sched.lr_const
 
 
 def test_infinite_without_anneal_never_ends():
@@ -91,16 +95,21 @@ def test_lambda_lr_reproduces_schedule_and_survives_state_dict():
     p = torch.nn.Parameter(torch.zeros(2))
     opt = torch.optim.AdamW([p], lr=1e-3)
     lam = torch.optim.lr_scheduler.LambdaLR(opt, s.relative_to(1e-3))
-    got = []
-    for _ in range(16):
+    got, saved = [], None
+    for t in range(16):
+        if t == 9:  # mid re-warm: a checkpoint of the optimizer and the scheduler, through pickle
+            saved = pickle.loads(pickle.dumps((opt.state_dict(), lam.state_dict())))
         got.append(opt.param_groups[0]["lr"]); opt.step(); lam.step()
     assert got == pytest.approx([s(t) for t in range(16)], abs=1e-18)
-    # a resumed LambdaLR (state dict through pickle, as in a checkpoint) continues the same schedule
-    state = pickle.loads(pickle.dumps(lam.state_dict()))
+    assert len(set(got[9:12])) == 3  # the resumed part of the schedule still changes, so the check below is sensitive
+    # a fresh optimizer and LambdaLR loaded from the checkpoint continue the same schedule
     opt2 = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
     lam2 = torch.optim.lr_scheduler.LambdaLR(opt2, s.relative_to(1e-3))
-    lam2.load_state_dict(state)
-    assert opt2.param_groups[0]["lr"] == pytest.approx(s(16), abs=1e-18) or lam2.get_last_lr()[0] == pytest.approx(s(16), abs=1e-18)
+    opt2.load_state_dict(saved[0]); lam2.load_state_dict(saved[1])
+    resumed = []
+    for _ in range(9, 16):
+        resumed.append(opt2.param_groups[0]["lr"]); opt2.step(); lam2.step()
+    assert resumed == pytest.approx(got[9:], abs=1e-18)
 
 
 def test_schedules_pickle_and_compare_by_value():

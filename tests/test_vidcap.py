@@ -1,12 +1,16 @@
-"Package tests for moebook.vidcap: data, captions, metrics, gated adapters, pseudolabels, bad input."
+"Package tests for moebook.vidcap: data, captions, metrics, baselines, gated adapters, pseudolabels, pairing, bad input."
+import shutil
+
 import numpy as np
 import pytest
 import torch
 
+import moebook.vidcap as vidcap
 from moebook.vidcap import (BOS, EOS, PAD, COLORS, SHAPES, CaptionVocab, GatedCrossAttention, ImageCaptioner, Pool,
-                            VideoCaptioner, caption_scores, caption_videos, centre_frame, check_frames, clip_bounds,
-                            gold_caption, grounding, make_text_lm, make_world_data, pseudolabel_videos, to_float,
-                            train_captioner)
+                            VideoCaptioner, asr_caption, caption_diversity, caption_scores, caption_videos, centre_frame,
+                            check_frames, cider_per_item, clip_bounds, gold_caption, grounding, image_caption, majority_caption,
+                            make_text_lm, make_world_data, matched_asr, pseudolabel_videos, random_captions, simple_tokenize,
+                            to_float, train_and_score, train_captioner)
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +179,8 @@ def test_bad_inputs_raise_clear_errors(data, vocab):
     with pytest.raises(ValueError, match="as many captions"): Pool(data.gold_train, vocab.encode(["a red square"], 8))
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # minutes on a busy 2-core machine
 def test_training_loop_fits_a_tiny_set(data, vocab):
     torch.manual_seed(0)
     ic = ImageCaptioner(len(vocab), 32, 32, 1, 2, 16)
@@ -187,6 +193,74 @@ def test_training_loop_fits_a_tiny_set(data, vocab):
     assert again == losses, "same seed, same losses"
 
 
+def test_cider_is_maximal_for_identical_captions_and_drops_when_shuffled(data):
+    refs = data.gold_test_captions + data.gold_train_captions  # 14 clips, one reference each
+    same = caption_scores(refs, refs)["CIDEr"]
+    assert same == pytest.approx(10.0, abs=1e-6)
+    rng = np.random.default_rng(0)
+    for _ in range(5):  # any other caption set scores lower: identical captions are the maximum
+        perm = rng.permutation(len(refs))
+        if (perm == np.arange(len(refs))).all(): continue
+        shuffled = [refs[i] for i in perm]
+        assert caption_scores(refs, shuffled)["CIDEr"] < same - 1.0
+    one_wrong = refs[:-1] + ["do not forget to like and subscribe"]
+    assert caption_scores(refs, one_wrong)["CIDEr"] == pytest.approx(10.0 * (len(refs) - 1) / len(refs), abs=1e-6)
+    assert cider_per_item(refs, one_wrong)[:-1] == pytest.approx([10.0] * (len(refs) - 1)) and cider_per_item(refs, one_wrong)[-1] == 0
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap's PTB tokenizer needs Java")
+def test_simple_tokenize_matches_the_ptb_tokenizer_on_every_caption_kind(data):
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+    asr = [a for aa in data.video_asr for a in aa]
+    texts = data.gold_train_captions + data.image_captions[:20] + asr[:20] + matched_asr(asr[:20], data.image_captions[:20])
+    ptb = PTBTokenizer().tokenize({i: [{"caption": t}] for i, t in enumerate(texts)})
+    assert [ptb[i][0].split() for i in range(len(texts))] == [simple_tokenize(t) for t in texts]
+
+
+def test_baselines_on_a_fixed_set():
+    train = ["red square moves left", "blue circle turns green", "red square moves left", "yellow cross hits triangle"]
+    assert majority_caption(train) == "red square moves left"
+    assert majority_caption(["b x", "a x"]) == "a x", "ties go to the alphabetically first caption"
+    refs = ["red square moves left", "blue circle turns green", "yellow cross hits triangle"]  # no shared words
+    # the majority caption is right on exactly one of three clips and shares no n-gram with the others: CIDEr 10/3
+    assert caption_scores(refs, [majority_caption(train)] * 3)["CIDEr"] == pytest.approx(10 / 3, abs=1e-6)
+    drawn = random_captions(train, 6, np.random.default_rng(4))
+    assert drawn == [train[i] for i in np.random.default_rng(4).integers(0, 4, size=6)]
+    assert caption_diversity(["a red square", "a red square", "a blue circle", "a red circle"]) == {
+        "distinct_captions": 0.75, "distinct_unigrams": 5, "distinct_bigrams": 5}  # a red, red square, a blue, blue circle, red circle
+    asr = ["so yeah that is pretty much it ok", "here we have the red one", "the red one the red one"]
+    pl = ["a red square", "a blue cross on the left", "a red circle next to a green square"]
+    m = matched_asr(asr, pl)
+    assert [len(x.split()) for x in m] == [3, 6, 8]
+    assert len({w for x in m for w in x.split()}) <= len({w for p in pl for w in p.split()})
+    assert m[2] == "the red one the red one the red", "narration shorter than its pseudolabel is cycled"
+
+
+def test_conditions_of_one_seed_start_from_identical_weights_and_data_order(data, vocab, monkeypatch):
+    starts = []
+    real = vidcap.train_captioner
+    def spy(model, pools, steps, batch_size, lr, generator, *a, **k):
+        if k.get("on_step") is None:  # the pre-training call: the model as initialised, the pre-training order
+            starts.append(({n: p.detach().clone() for n, p in model.state_dict().items()}, generator.get_state().clone()))
+        else: starts[-1] += (generator.get_state().clone(),)
+        return real(model, pools, steps, batch_size, lr, generator, *a, **k)
+    monkeypatch.setattr(vidcap, "train_captioner", spy)
+    torch.manual_seed(0)
+    lm = make_text_lm(len(vocab), 32, 2, 2, 40).eval().requires_grad_(False)
+    enc = lambda caps: vocab.encode(caps, 24)
+    asr = [a for aa in data.video_asr for a in aa][:8]
+    pools = {"none": [], "asr": [Pool(data.gold_train, enc(asr))], "gold": [Pool(data.gold_train, enc(data.gold_train_captions))]}
+    split = (data.gold_test, data.gold_test_captions)
+    kw = dict(d_visual=16, pretrain_steps=2, finetune_steps=2, eval_every=1, batch_size=2)
+    for p in pools.values(): train_and_score(lm, p, Pool(data.gold_train, enc(data.gold_train_captions)), split, split, vocab, 3, **kw)
+    train_and_score(lm, pools["gold"], Pool(data.gold_train, enc(data.gold_train_captions)), split, split, vocab, 4, **kw)
+    (w0, g0, f0), *same, (w4, g4, f4) = starts
+    for w, g, f in same:
+        assert w.keys() == w0.keys() and all(torch.equal(w[n], w0[n]) for n in w0)
+        assert torch.equal(g, g0) and torch.equal(f, f0)
+    assert not all(torch.equal(w4[n], w0[n]) for n in w0) and not torch.equal(g4, g0), "another seed, other weights and order"
+
+
 def test_committed_manifest_matches_generated_data():
     import json
     from pathlib import Path
@@ -195,6 +269,6 @@ def test_committed_manifest_matches_generated_data():
     p = saved["parameters"]
     n = {k: v["shape"][0] for k, v in saved["sets"].items()}
     data = make_world_data(p["seed"], n["images"], n["pretrain_videos"], n["gold_train"], n["gold_test"],
-                           p["clip_frames"], p["clips_per_video"], p["size"])
+                           p["clip_frames"], p["clips_per_video"], p["size"], n_gold_val=n["gold_val"])
     fresh = world_manifest(data)
     assert fresh["sets"] == saved["sets"] and fresh["event_kinds"] == saved["event_kinds"]
