@@ -296,12 +296,15 @@ def provenance(root: str | Path | None = None) -> dict[str, Any]:
 
 def seal_runs(folder: str | Path, # a `cache_dir` of `paired_runs`, complete
               command: str, # the exact command that made the results
+              made_at: dict | None = None, # {'commit', 'dirty'} of the code that made them (default: this checkout's now)
              ) -> dict: # the manifest
     "Write `manifest.json` beside cached run results: each file's SHA-256, the command, and the commit that made them."
     folder = Path(folder)
     files = sorted(f for f in folder.glob("*.json") if f.name != "manifest.json")
     if not files: raise EvidenceError(f"{folder}: no run results to seal")
-    manifest = dict(command=command, **provenance(), files={f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files})
+    made_at = made_at or provenance()
+    if set(made_at) != {"commit", "dirty"}: raise EvidenceError(f"made_at must have exactly the keys commit and dirty, got {sorted(made_at)}")
+    manifest = dict(command=command, **made_at, files={f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files})
     atomic_write_text(folder / "manifest.json", json.dumps(manifest, indent=1) + "\n")
     return manifest
 

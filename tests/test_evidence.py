@@ -234,6 +234,8 @@ def test_sealed_runs_are_checked_and_reused_read_only(tmp_path, monkeypatch):
     m = ev.seal_runs(runs, "python make_runs.py")
     assert m["command"] == "python make_runs.py" and len(m["files"]) == 6 and "commit" in m
     assert ev.sealed_runs(runs)["files"] == m["files"]
+    assert ev.seal_runs(runs, "python make_runs.py", made_at={"commit": "abc", "dirty": False})["commit"] == "abc"
+    with pytest.raises(ev.EvidenceError, match="made_at"): ev.seal_runs(runs, "x", made_at={"commit": "abc"})
     calls.clear()
     assert ev.paired_runs(fn, ["A", "B"], [0, 1, 2], {"k": 1}, reuse=[runs]) == first and calls == []  # all from the sealed folder
     ev.paired_runs(fn, ["A", "B"], [0, 1, 2], {"k": 2}, reuse=[runs])  # another config: nothing matches, every run is made
