@@ -365,7 +365,6 @@ PENDING = {  # notebook -> (issue that ports its claim check, the paper's headli
                               "infinite schedules need no re-warm"]),
     "04_mtti_ensad.ipynb": (16, ["translation-based methods vs zero-shot transfer", "EnsAd beats the best single translation in every language",
                                  "more translations help; attention vs mean pooling"]),
-    "06_causal_world_models.ipynb": (13, ["the causal world model beats the LLM-only reasoner", "the gap grows with the horizon"]),
 }
 
 def check_record(r: Any, source: str) -> dict:

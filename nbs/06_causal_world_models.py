@@ -37,7 +37,7 @@
 # %%
 #| export
 from __future__ import annotations
-import functools, hashlib, itertools, json, math, os, re, subprocess, time
+import functools, hashlib, itertools, json, math, os, re, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -1430,12 +1430,6 @@ def train_components(cfg: dict, # training configuration (keys of TRAIN_DEFAULTS
 
 def _sha256(path: Path) -> str: return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
-def _git(*args) -> str | None:
-    try:
-        r = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=20)
-        return r.stdout.strip() if r.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError): return None
-
 def _train_and_save(_variant: str, seed: int, cfg: dict, out: str, text_table: torch.Tensor, device: str) -> dict:
     from safetensors.torch import save_model
     comp, curves = train_components(cfg, seed, text_table, device)
@@ -1452,11 +1446,12 @@ def write_checkpoints(out_dir: str | Path, # folder for seed<s>.safetensors and 
     cfg, out = dict(cfg or TRAIN_DEFAULTS), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     text_table = embed_texts(ALL_ACTION_TEXTS)
-    t0, commit, dirty = time.time(), _git("rev-parse", "HEAD"), bool(_git("status", "--porcelain", "--untracked-files=no"))  # the code that trains
+    from moebook.evidence import provenance
+    t0, code = time.time(), provenance()  # the code that trains
     run = functools.partial(_train_and_save, cfg=cfg, out=str(out), text_table=text_table, device=device)
     curves = paired_runs(run, ["components"], list(seeds), workers=workers)
     files = {f"seed{s}.safetensors": {"sha256": _sha256(out / f"seed{s}.safetensors"), "bytes": (out / f"seed{s}.safetensors").stat().st_size} for s in seeds}
-    manifest = dict(config=cfg, seeds=list(seeds), files=files, dtype="float16", command=command, commit=commit, dirty=dirty, torch=torch.__version__, device=str(device),
+    manifest = dict(config=cfg, seeds=list(seeds), files=files, dtype="float16", command=command, commit=code["commit"], dirty=code["dirty"], torch=torch.__version__, device=str(device),
                     wall_s=round(time.time() - t0, 1), curves={str(s): curves[("components", s)] for s in seeds})
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
