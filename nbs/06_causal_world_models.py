@@ -52,6 +52,10 @@ from moebook.core import progress as progress_bar  # the notebook's `progress` p
 
 # %%
 from fastcore.test import test_eq, test_fail, test_close
+from moebook.evidence import RunClock
+
+# %%
+_clock = RunClock()  # wall time, CPU time and load of the whole notebook, for the claim records
 
 # %% tags=["parameters"]
 seed: int = 0  # first seed: the run uses seeds seed .. seed + n_seeds - 1, each with its own trained components
@@ -1577,7 +1581,7 @@ def item_estimate(treatment: np.ndarray, control: np.ndarray, seed: int = 0):
 # Load (or, with `retrain=True`, train) every seed's components, then measure: the components on held-out
 # episodes, causal inference on `n_infer` test problems at h = 1, 2, 4 (…), and planning on `n_plan` test
 # goals per horizon under the paper protocol (and the full protocol with `full_protocol=True`), for both
-# world models and every baseline. `wall_s` in the records counts from the first cell below.
+# world models and every baseline. `wall_s`, `cpu_s` and `load` in the records count the whole notebook.
 
 # %%
 import dataclasses
@@ -1587,7 +1591,6 @@ from moebook.core import record_metrics
 
 # %%
 #| slow
-t_start = time.time()
 if setting not in ("smoke", "default", "evidence"): raise ValueError(f"setting must be smoke, default or evidence, got {setting!r}")
 if n_seeds < 1 or max_horizon < 2 or n_plan < 1 or n_infer < 1 or k_samples < 1 or budget_mult < 1:
     raise ValueError(f"need n_seeds, n_plan, n_infer, k_samples, budget_mult >= 1 and max_horizon >= 2; got {n_seeds}, {n_plan}, {n_infer}, {k_samples}, {budget_mult}, {max_horizon}")
@@ -1612,7 +1615,7 @@ else:
     comps, curves = {s: load_components(ckpt_dir, s, dev) for s in seeds}, {s: manifest["curves"][str(s)] for s in seeds}
     print(f"loaded checkpoints of seeds {seeds} (commit {str(manifest['commit'])[:10]}, {manifest['command']})")
 cwms = {s: CausalWorldModel(c.ae, c.crl, c.mapper, c.x_mean, c.x_std, text_table, k_samples, seed=s) for s, c in comps.items()}
-print(f"[{time.time() - t_start:.0f}s] {len(seeds)} seeds ready on {dev}; training config {cfg}")
+print(f"[{_clock.fields()['wall_s']:.0f}s] {len(seeds)} seeds ready on {dev}; training config {cfg}")
 
 # %% [markdown]
 # ### Components
@@ -1637,7 +1640,7 @@ pre_transition = Precondition("CWM 1-step accuracy minus copy's on the affected 
                               float(min(t["cwm_affected"] - t["copy_affected"] for t in trans.values())), ">", 0.0)
 pre_lm = Precondition("LM uses the state: shuffled-state twin's held-out loss minus the LM's (worst seed)",
                       float(min(b - a for a, b in lm_held.values())), ">", 0.0)
-print(f"[{time.time() - t_start:.0f}s] components measured")
+print(f"[{_clock.fields()['wall_s']:.0f}s] components measured")
 
 # %%
 #| slow
@@ -1717,7 +1720,7 @@ def evaluate_seed(_variant: str, s: int) -> dict:
 
 workers = min(2, len(seeds)) if dev.type == "cpu" else 1
 res = paired_runs(evaluate_seed, ["evaluate"], seeds, workers=workers,
-                  progress=lambda done, total, v, s: print(f"[{time.time() - t_start:.0f}s] seed {s} evaluated ({done}/{total})"))
+                  progress=lambda done, total, v, s: print(f"[{_clock.fields()['wall_s']:.0f}s] seed {s} evaluated ({done}/{total})"))
 res = [res[("evaluate", s)] for s in seeds]
 acc = {m: {h: np.array([r["inference"][str(h)][m] for r in res]) for h in inf_horizons} for m in ("CWM", "LM", "perceive-then-copy")}
 acc["copy"] = {h: np.tile(problem_accuracy(inf.states[:, 0], inf.states[:, h]), (len(seeds), 1)) for h in inf_horizons}
@@ -1735,7 +1738,7 @@ for (name, h), P in problems.items():
     r |= {m: np.array([x["planning"][f"{name} {h}"][m] for x in res]) for m in ("CWM", "CWM (in model)", "LM", "LM (in model)")}
     plan[(name, h)] = r
     print(f"{name} protocol, h={h}, {budget} expansions: " + ", ".join(f"{k} {np.mean(v):.3f}" for k, v in r.items() if k != "budget"))
-print(f"[{time.time() - t_start:.0f}s] done")
+print(f"[{_clock.fields()['wall_s']:.0f}s] done")
 
 
 # %%
@@ -1806,7 +1809,7 @@ params = {k: globals()[k] for k in ("seed", "n_seeds", "retrain", "max_horizon",
 record_metrics(perception={s: p.tolist() for s, p in perception.items()}, transition=trans, lm_heldout_loss=lm_held,
                inference_accuracy={m: {h: v.mean(1).tolist() for h, v in d.items()} for m, d in acc.items()},
                planning={f"{p}_h{h}": {k: (np.mean(v, -1).tolist() if k != "budget" else v) for k, v in r.items()} for (p, h), r in plan.items()})
-records = show_claims(claims, setting=setting, seeds=seeds, params=params, device=str(dev), wall_s=time.time() - t_start)
+records = show_claims(claims, setting=setting, seeds=seeds, params=params, device=str(dev), **_clock.fields())
 for r in records: print(f"claim {r['id']}: {r['verdict']} - {r['reason']}")
 
 # %% [markdown]
@@ -1825,3 +1828,29 @@ for h in plan_horizons:
 for h in inf_horizons:
     print(f"inference h={h}: CWM {acc['CWM'][h].mean():.3f}, LM {acc['LM'][h].mean():.3f}; copy {acc['copy'][h].mean():.3f}, "
           f"perceive-then-copy {acc['perceive-then-copy'][h].mean():.3f} (paper: CWM, LM {PAPER_INFERENCE.get(h, '-')})")
+
+# %% [markdown]
+# ## Discussion
+#
+# **Is it a test?** The four preconditions printed above are what make the comparison mean something: the
+# CWM perceives every variable of the start frame (≥ 0.95 on each of the 8, every seed), its transition beats
+# "nothing changes" on the variables an action affects, the LM reads the state it is given (its held-out loss
+# is below its shuffled-state twin's), and a perfect simulator solves the h = 2 goals at the search budget the
+# world models get, so a failed plan is the world model's fault, not the planner's. When all four hold, the
+# verdicts are about the world models.
+#
+# **What the defaults show** (the table and the two figures above). The CWM beats the LM-as-world-model in
+# planning (executed in the true environment) and in causal inference, with intervals far from zero, so
+# claim 1 holds in direction; its size is much smaller than the paper's because our LM is not a prompted,
+# pretrained LLM but a small GPT-2 trained on the same interaction data as the CWM — a far stronger baseline
+# than the paper's few-shot LLM, which stays near chance beyond one step. Claim 2 fails here for the same
+# reason: both world models roll out their own predictions, both accumulate errors, and the gap between
+# them narrows with the horizon instead of widening; the paper's widening gap comes from an LM that cannot
+# simulate at all. The in-model success count (claim 1c, the reference code's own count) is higher than the
+# executed one for the CWM: the planner finds goals that the CWM imagines but the environment does not reach,
+# which is why the executed success is the primary metric.
+#
+# **Limits.** Three seeds of committed components (retraining is `retrain=True`, about 40 CPU-minutes per
+# seed); h = 8 and the full protocol (all 14 actions, exact match) are parameters, not part of the default;
+# the LM is a trained small model, not an LLM, so the comparison is "causal world model vs a learned
+# text simulator", one step removed from the paper's.
