@@ -1850,7 +1850,7 @@ for h in inf_horizons:
 # executed one for the CWM: the planner finds goals that the CWM imagines but the environment does not reach,
 # which is why the executed success is the primary metric.
 #
-# **Limits.** Three seeds of committed components (retraining is `retrain=True`, about 40 CPU-minutes per
-# seed); h = 8 and the full protocol (all 14 actions, exact match) are parameters, not part of the default;
+# **Limits.** Three seeds of committed components (retraining is `retrain=True`; the manifest records how long
+# the committed training took); h = 8 and the full protocol (all 14 actions, exact match) are parameters, not part of the default;
 # the LM is a trained small model, not an LLM, so the comparison is "causal world model vs a learned
 # text simulator", one step removed from the paper's.
