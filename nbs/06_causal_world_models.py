@@ -1531,7 +1531,7 @@ print(f"{sum(p.numel() for p in _c.parameters()) / 1e6:.2f}M parameters per seed
 # "supported". The preconditions are the component checks above, with thresholds fixed here.
 
 # %%
-from moebook.evidence import Claim, Precondition, paired_bootstrap, paired_t, wilson_rate, show_claims, MIN_N
+from moebook.evidence import Claim, Precondition, paired_bootstrap, paired_runs, paired_t, wilson_rate, show_claims, MIN_N
 
 # %%
 NB = "06_causal_world_models.ipynb"
@@ -1699,7 +1699,6 @@ plt.colorbar(im, ax=axes[1]); plt.tight_layout(); plt.show()
 
 # %%
 #| slow
-from moebook.evidence import paired_runs
 inf = make_inference_problems(n_infer, max(inf_horizons), TEST_SEED)
 protocols = {p.name: p for p in [PAPER] + ([FULL] if full_protocol else [])}
 problems = {(name, h): make_planning_problems(n_plan, h, TEST_SEED + 100 * h + (1 if p is FULL else 0), p) for name, p in protocols.items() for h in plan_horizons}
@@ -1830,7 +1829,7 @@ for h in inf_horizons:
           f"perceive-then-copy {acc['perceive-then-copy'][h].mean():.3f} (paper: CWM, LM {PAPER_INFERENCE.get(h, '-')})")
 
 # %% [markdown]
-# ## Discussion
+# ### Discussion
 #
 # **Is it a test?** The four preconditions printed above are what make the comparison mean something: the
 # CWM perceives every variable of the start frame (≥ 0.95 on each of the 8, every seed), its transition beats
