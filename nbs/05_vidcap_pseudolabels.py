@@ -1285,8 +1285,8 @@ test_eq(_cp["images + videos (prefix)"][1], "prefix")
 # paired standard deviations); a claim whose MDE exceeds the target is `inconclusive` by the rule, whatever
 # its point estimate.
 #
-# **Where the runs come from.** Ten seeds of six conditions take about 35 minutes of an idle 2-core machine,
-# more than the 10-minute default may. So the default *loads* those 60 runs from `data/vidcap_runs/`: the cache
+# **Where the runs come from.** Ten seeds of six conditions took 4,117 CPU-seconds (about 34 minutes of an idle
+# 2-core machine; the manifest's command line says where that was measured), more than the 10-minute default may. So the default *loads* those 60 runs from `data/vidcap_runs/`: the cache
 # of one `paired_runs` call at exactly these parameters, sealed by `moebook.evidence.seal_runs` with the
 # command and the clean commit that made them and the SHA-256 of every result (checked on load; a run is
 # reused only when every setting it depends on matches). Everything else (data, components, pseudolabels,
