@@ -61,6 +61,9 @@ import matplotlib.pyplot as plt
 from moebook.core import seed_everything, record_metrics, pick_device, atomic_write_text
 from moebook.evidence import Claim, Precondition, paired_t, paired_bootstrap, paired_runs, sealed_runs, show_claims, forest_plot, RunClock
 
+# %%
+clock = RunClock()  # wall time, CPU time and load of the whole notebook, for the claim records
+
 # %% tags=["parameters"]
 seed: int = 0  # seed of the data, the frozen LM and the image captioner; video-captioner seeds are seed, seed+1, ...
 n_seeds: int = 10  # paired seeds per condition (at least 3: the paired t interval is not trusted below)
@@ -1339,7 +1342,6 @@ CLAIMS = {
 
 # %%
 #| slow
-clock = RunClock()  # wall time, CPU time and load of the claims' experiment: from here to the claim check
 _ints = dict(seed=seed, n_seeds=n_seeds, workers=workers, pretrain_steps=pretrain_steps, finetune_steps=finetune_steps, eval_every=eval_every,
              batch_size=batch_size, d_model=d_model, d_visual=d_visual, lm_steps=lm_steps, image_captioner_steps=image_captioner_steps)
 for _name, _v in _ints.items():
