@@ -498,12 +498,12 @@ class EnsembleAdapter(ModelMixin, ConfigMixin):
                  n_candidates: int = 4, # N+1: the source caption and N translations
                  hidden: int = 64, # adapter bottleneck width
                  pooling: str = "attention", # 'attention' or 'mean'
-                 slot_bias: bool = True, # learn a bias per candidate slot (False: the weights depend on content only)
+                 use_slot_bias: bool = True, # learn a bias per candidate slot (False: the weights depend on content only)
                 ):
         super().__init__()
         if pooling not in ("attention", "mean"): raise ValueError(f"pooling must be 'attention' or 'mean', got {pooling!r}")
         self.query, self.key = nn.Linear(dim, dim, bias=False), nn.Linear(dim, dim, bias=False)
-        self.slot_bias = nn.Parameter(torch.zeros(n_candidates)) if slot_bias else None
+        self.slot_bias = nn.Parameter(torch.zeros(n_candidates)) if use_slot_bias else None
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         # W_k = 0 gives uniform weights at the start; W_q stays random, otherwise both gradients would be zero
         for p in (self.key.weight, self.mlp[2].weight, self.mlp[2].bias): nn.init.zeros_(p)
