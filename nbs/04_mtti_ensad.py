@@ -623,6 +623,9 @@ def attribute_accuracy(classifier: AttributeClassifier, images: torch.Tensor, sc
 
 # %%
 import scipy.linalg
+
+
+# %%
 class _Identity(nn.Module):
     num_features = 3
     def forward(self, x): return x.flatten(1).double()
@@ -1412,6 +1415,7 @@ for j, lang in enumerate(TARGETS):
     for r, m in enumerate(["real"] + GRID_METHODS): axes[r, 0].set_ylabel(m, fontsize=6, rotation=0, ha="right")
     for ax in axes.flat: ax.set_xticks([]); ax.set_yticks([])
     fig.suptitle(f"{lang}: a real image of the scene (top) and one generation per method", fontsize=9); plt.tight_layout(); plt.show()
+
 
 # %% [markdown]
 # ### More translations, and what EnsAd learned to trust
