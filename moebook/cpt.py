@@ -16,7 +16,8 @@ from torch import nn
 from .core import seed_everything
 from .corpus import Corpus
 from .moe import MoeLM, MoeLMConfig, capture_routing, count_parameters, dense_matched
-from .schedules import InfiniteSchedule, Phases, Schedule, WarmupCosine, check_steps, rewarm
+from .schedules import InfiniteSchedule, Phases, Schedule, WarmupCosine, rewarm
+from .core import check_int
 from .train import TrainConfig, train
 
 # %% auto #0
@@ -146,7 +147,7 @@ class Shifted(Schedule):
     base: Schedule
     offset: int
 
-    def __post_init__(self): check_steps("offset", self.offset)
+    def __post_init__(self): check_int("offset", self.offset)
 
     @property
     def total_steps(self) -> int | None:

@@ -42,7 +42,8 @@ from torch import nn
 from moebook.core import seed_everything
 from moebook.corpus import Corpus
 from moebook.moe import MoeLM, MoeLMConfig, capture_routing, count_parameters, dense_matched
-from moebook.schedules import InfiniteSchedule, Phases, Schedule, WarmupCosine, check_steps, rewarm
+from moebook.schedules import InfiniteSchedule, Phases, Schedule, WarmupCosine, rewarm
+from moebook.core import check_int
 from moebook.train import TrainConfig, train
 
 # %%
@@ -290,7 +291,7 @@ class Shifted(Schedule):
     base: Schedule
     offset: int
 
-    def __post_init__(self): check_steps("offset", self.offset)
+    def __post_init__(self): check_int("offset", self.offset)
 
     @property
     def total_steps(self) -> int | None:
