@@ -363,8 +363,6 @@ PENDING = {  # notebook -> (issue that ports its claim check, the paper's headli
     "03_moe_cpt.ipynb": (14, ["MoE routers do not worsen forgetting vs a dense model", "routing balance on the old distribution is kept",
                               "replay + LR re-warm/re-decay suffices", "CPT matches full re-training at a fraction of the cost",
                               "infinite schedules need no re-warm"]),
-    "04_mtti_ensad.ipynb": (16, ["translation-based methods vs zero-shot transfer", "EnsAd beats the best single translation in every language",
-                                 "more translations help; attention vs mean pooling"]),
 }
 
 def check_record(r: Any, source: str) -> dict:

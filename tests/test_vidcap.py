@@ -208,6 +208,7 @@ def test_cider_is_maximal_for_identical_captions_and_drops_when_shuffled(data):
     assert cider_per_item(refs, one_wrong)[:-1] == pytest.approx([10.0] * (len(refs) - 1)) and cider_per_item(refs, one_wrong)[-1] == 0
 
 
+@pytest.mark.slow  # starts the Java PTB tokenizer
 @pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap's PTB tokenizer needs Java")
 def test_simple_tokenize_matches_the_ptb_tokenizer_on_every_caption_kind(data):
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
