@@ -4,8 +4,9 @@
 
 # %% ../nbs/06_causal_world_models.ipynb #14e421a3
 from __future__ import annotations
-import itertools, math, os, re
+import functools, hashlib, itertools, json, math, os, re, time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -13,21 +14,25 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .core import pick_device, record_metrics, seed_everything
+from .core import pick_device
 from .core import progress as progress_bar  # the notebook's `progress` parameter is a bool
 
 # %% auto #0
 __all__ = ['GRID', 'COLOURS', 'CAR_COLUMNS', 'LIGHT_CELLS', 'VARIABLES', 'N_VALUES', 'DIRECTIONS', 'ACTIONS', 'N_ACTIONS', 'RGB',
-           'ALL_ACTION_TEXTS', 'ACTION_MODES', 'Action', 'action_index', 'check_state', 'transition', 'causal_graph',
-           'render_state', 'render_background', 'GridWorld', 'action_texts', 'sample_action_text', 'parse_action',
-           'describe_state', 'parse_state', 'Interactions', 'collect_interactions', 'action_coordinates',
-           'load_sentence_encoder', 'embed_texts', 'Autoencoder', 'frames_to_tensor', 'ActNorm', 'InvertibleLinear',
-           'AffineCoupling', 'Flow', 'GroupLinear', 'TransitionPrior', 'ActionEncoder', 'CausalRL', 'train_autoencoder',
-           'encode_frames', 'action_inputs', 'train_crl', 'r2_matrix', 'assign_latents', 'CausalMapper', 'train_mapper',
-           'r2_per_variable', 'WordTokenizer', 'transition_prompt', 'make_tokenizer', 'build_lm', 'lm_training_batch',
-           'train_lm', 'lm_generate', 'lm_next_states', 'canonical_action_text', 'lm_action_scores', 'mcts_plan',
-           'perfect_simulator', 'execute_plan', 'CausalWorldModel', 'InferenceProblems', 'make_inference_problems',
-           'cwm_rollout', 'lm_rollout', 'make_planning_problems', 'lm_planner', 'plan_success']
+           'ALL_ACTION_TEXTS', 'ACTION_MODES', 'PAPER', 'FULL', 'TRAIN_DEFAULTS', 'COMPONENT_SEED', 'TEST_SEED',
+           'Action', 'action_index', 'check_state', 'transition', 'causal_graph', 'render_state', 'render_background',
+           'GridWorld', 'action_texts', 'sample_action_text', 'parse_action', 'describe_state', 'describe_variables',
+           'parse_state', 'Interactions', 'collect_interactions', 'action_coordinates', 'load_sentence_encoder',
+           'embed_texts', 'Autoencoder', 'frames_to_tensor', 'ActNorm', 'InvertibleLinear', 'AffineCoupling', 'Flow',
+           'GroupLinear', 'TransitionPrior', 'ActionEncoder', 'CausalRL', 'train_autoencoder', 'encode_frames',
+           'action_inputs', 'train_crl', 'r2_matrix', 'CausalMapper', 'train_mapper', 'r2_per_variable',
+           'WordTokenizer', 'transition_prompt', 'make_tokenizer', 'build_lm', 'lm_training_batch', 'train_lm',
+           'lm_loss', 'shuffle_states', 'description_slots', 'lm_next_states', 'canonical_action_text', 'Protocol',
+           'planning_budget', 'PlanningProblems', 'make_planning_problems', 'mcts_plan', 'true_simulator',
+           'execute_plan', 'executed_success', 'noop_plans', 'random_plans', 'majority_vote', 'CausalWorldModel',
+           'lm_simulator', 'InferenceProblems', 'make_inference_problems', 'cwm_rollout', 'lm_rollout',
+           'problem_accuracy', 'Components', 'lm_examples', 'train_components', 'write_checkpoints', 'load_components',
+           'affected_variables', 'perception_accuracy', 'transition_accuracy']
 
 # %% ../nbs/06_causal_world_models.ipynb #fbeab88d
 GRID = 8
@@ -207,6 +212,13 @@ def describe_state(state: Sequence[int]) -> str:
     cars = " ".join(f"The {c} car is in row {s[5 + i]}." for i, c in enumerate(COLOURS))
     lights = " ".join(f"The {c} light is {'green' if s[2 + i] else 'red'}." for i, c in enumerate(COLOURS))
     return f"{cars} {lights} The boulder is in column {s[0]} and row {s[1]}."
+
+def describe_variables(v: Sequence[int]) -> str:
+    "The describer's text for decoded variables, also when they overlap (the model's belief, not a valid state)."
+    v = np.asarray(v)
+    cars = " ".join(f"The {c} car is in row {v[5 + i]}." for i, c in enumerate(COLOURS))
+    lights = " ".join(f"The {c} light is {'green' if v[2 + i] else 'red'}." for i, c in enumerate(COLOURS))
+    return f"{cars} {lights} The boulder is in column {v[0]} and row {v[1]}."
 
 _STATE_PATTERNS = ([re.compile(r"boulder is in column (\d+)"), re.compile(r"boulder is in column \d+ and row (\d+)")]
                    + [re.compile(rf"[Tt]he {c} light is (red|green)") for c in COLOURS]
@@ -411,6 +423,7 @@ class CausalRL(nn.Module):
         super().__init__()
         self.flow, self.action_encoder = Flow(latent_dim, n_blocks, hidden, seed), ActionEncoder(mode)
         self.prior = TransitionPrior(latent_dim, 32, hidden)
+        self.temperature = 5.0  # interaction temperature after annealing (used when simulating)
 
     def nll(self, x, x_next, coords, text_emb, temperature=1.0):
         "Negative log-likelihood of x_next given x and the action, per latent dimension (a scalar)."
@@ -420,9 +433,11 @@ class CausalRL(nn.Module):
         return -(lp + logdet).mean() / x.shape[1]
 
     @torch.no_grad()
-    def predict(self, z, coords, text_emb, temperature):
-        "The prior's mean next latent (B, D): the world model's deterministic simulation step."
-        return self.prior(z, self.action_encoder(coords, text_emb), temperature)[0]
+    def sample(self, z, coords, text_emb, generator: torch.Generator | None = None):
+        "One draw of the next latents (B, D) from the prior (as the reference code's `prior_t1.sample`)."
+        mean, log_std, _ = self.prior(z, self.action_encoder(coords, text_emb), self.temperature)
+        eps = torch.randn(mean.shape, generator=generator).to(mean.device)
+        return mean + log_std.exp() * eps
 
 # %% ../nbs/06_causal_world_models.ipynb #38b0b47c
 def _batches(n: int, batch: int, steps: int, generator: torch.Generator):
@@ -489,7 +504,6 @@ def train_crl(x: torch.Tensor, # (E, T+1, D) standardised autoencoder latents
         loss = model.nll(a + eps[0], b + eps[1], co[idx].to(device), te[idx].to(device), temperature)
         opt.zero_grad(); loss.backward(); nn.utils.clip_grad_norm_(model.parameters(), 5.0); opt.step(); sched.step()
         losses.append(loss.item())
-    model.temperature = 5.0
     return model.eval(), losses
 
 # %% ../nbs/06_causal_world_models.ipynb #1832111a
@@ -512,43 +526,36 @@ def r2_matrix(latents: torch.Tensor, # (N, D) learned latents
             R[d, j] = max(0.0, 1 - resid / max(v[half:, j].var(), 1e-12))
     return R
 
-def assign_latents(R: np.ndarray) -> np.ndarray:
-    "Stage-1 assignment (V, D) bool: each latent goes to its best variable; each variable keeps its best latent."
-    D, V = R.shape
-    mask = np.zeros((V, D), dtype=bool)
-    mask[R.argmax(1), np.arange(D)] = True
-    mask[np.arange(V), R.argmax(0)] = True
-    return mask
-
 class CausalMapper(nn.Module):
-    "Stage 2: one MLP per variable, reading only its assigned latents, classifying the variable's value."
-    def __init__(self, mask: np.ndarray, hidden: int = 64):
+    "Stage 2: one MLP per variable over all latents, classifying the variable's value."
+    def __init__(self, latent_dim: int, hidden: int = 128):
         super().__init__()
-        V, D = mask.shape
-        self.register_buffer("mask", torch.as_tensor(mask, dtype=torch.float32))
+        V = len(VARIABLES)
         self.register_buffer("valid", torch.arange(max(N_VALUES))[None] < torch.tensor(N_VALUES)[:, None])
-        self.register_buffer("shift", torch.zeros(D)); self.register_buffer("scale", torch.ones(D))
-        self.net = nn.Sequential(GroupLinear(V, D, hidden), nn.SiLU(), GroupLinear(V, hidden, hidden), nn.SiLU(), GroupLinear(V, hidden, max(N_VALUES)))
+        self.register_buffer("shift", torch.zeros(latent_dim)); self.register_buffer("scale", torch.ones(latent_dim))
+        self.net = nn.Sequential(GroupLinear(V, latent_dim, hidden), nn.SiLU(), GroupLinear(V, hidden, hidden), nn.SiLU(), GroupLinear(V, hidden, max(N_VALUES)))
     def forward(self, z):
         "Logits (B, V, 8), invalid values masked."
         z = (z - self.shift) / self.scale
-        return self.net(z[:, None] * self.mask).masked_fill(~self.valid, -1e9)
+        return self.net(z[:, None].expand(-1, len(VARIABLES), -1)).masked_fill(~self.valid, -1e9)
     @torch.no_grad()
     def predict(self, z) -> torch.Tensor:
         "Predicted variables (B, V)."
         return self(z).argmax(-1)
 
-def train_mapper(latents: torch.Tensor, values: np.ndarray, mask: np.ndarray, steps: int, seed: int,
-                 batch: int = 256, lr: float = 3e-3) -> CausalMapper:
+def train_mapper(latents: torch.Tensor, # (N, D) latents of training frames
+                 values: np.ndarray, # (N, 8) their true variables
+                 steps: int, seed: int, batch: int = 256, lr: float = 3e-3) -> CausalMapper:
     "Fit the stage-2 MLPs on (latent, true variable) pairs."
     torch.manual_seed(seed); g = torch.Generator().manual_seed(seed)
     z, y = latents.float().cpu(), torch.as_tensor(values, dtype=torch.long)
-    mapper = CausalMapper(mask)
+    mapper = CausalMapper(z.shape[1])
     mapper.shift.copy_(z.mean(0)); mapper.scale.copy_(z.std(0) + 1e-6)
     opt = torch.optim.Adam(mapper.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=max(steps, 1))
     for idx in _batches(len(z), batch, steps, g):
         loss = F.cross_entropy(mapper(z[idx]).flatten(0, 1), y[idx].flatten())
-        opt.zero_grad(); loss.backward(); opt.step()
+        opt.zero_grad(); loss.backward(); opt.step(); sched.step()
     return mapper.eval()
 
 def r2_per_variable(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
@@ -594,11 +601,11 @@ def build_lm(vocab_size: int, width: int = 96, n_layer: int = 3, n_head: int = 4
     return GPT2LMHeadModel(cfg)
 
 def lm_training_batch(tok: WordTokenizer, examples: Sequence[tuple[str, str, str]]):
-    "Right-padded ids (B, L), attention mask and labels (-100 outside the action sentence and next state)."
+    "Right-padded ids (B, L), attention mask and labels (-100 outside the next-state description)."
     seqs, starts = [], []
     for state, action, nxt in examples:
-        prompt = tok.encode(transition_prompt(state))
-        seqs.append(prompt + tok.encode(f"{action} next : {nxt}") + [tok.eos_id]); starts.append(len(prompt))
+        prompt = tok.encode(transition_prompt(state, action))
+        seqs.append(prompt + tok.encode(nxt) + [tok.eos_id]); starts.append(len(prompt))
     L = max(map(len, seqs))
     ids = torch.full((len(seqs), L), tok.pad_id); labels = torch.full((len(seqs), L), -100)
     for b, (s, k) in enumerate(zip(seqs, starts)):
@@ -606,20 +613,41 @@ def lm_training_batch(tok: WordTokenizer, examples: Sequence[tuple[str, str, str
     return ids, (ids != tok.pad_id).long(), labels
 
 def train_lm(model, tok: WordTokenizer, examples: Sequence[tuple[str, str, str]], steps: int, seed: int,
-             batch: int = 32, lr: float = 3e-3, device: str | torch.device = "cpu", show_progress: bool = False) -> list[float]:
-    "Train the LM on (state, action sentence, next state) text triples; returns the loss curve."
+             batch: int = 32, lr: float = 3e-3, device: str | torch.device = "cpu", show_progress: bool = False,
+             heldout: Sequence[tuple[str, str, str]] | None = None, # if given, its loss is measured every `eval_every` steps
+             eval_every: int = 250,
+            ) -> tuple[list[float], list[float]]: # training loss per step, held-out loss per evaluation
+    "Train the LM on (state, action sentence, next state) text triples; returns its loss curves."
     g = torch.Generator().manual_seed(seed); torch.manual_seed(seed)
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=max(steps, 1))
-    losses = []
-    for idx in progress_bar(_batches(len(examples), batch, steps, g), show_progress, total=steps, desc="language model"):
+    losses, held = [], []
+    for step, idx in enumerate(progress_bar(_batches(len(examples), batch, steps, g), show_progress, total=steps, desc="language model"), 1):
         ids, mask, labels = (t.to(device) for t in lm_training_batch(tok, [examples[i] for i in idx]))
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(); loss.backward(); nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step(); sched.step()
         losses.append(loss.item())
+        if heldout is not None and (step % eval_every == 0 or step == steps):
+            model.eval(); held.append(lm_loss(model, tok, heldout)); model.train()
     model.eval()
-    return losses
+    return losses, held
+
+@torch.no_grad()
+def lm_loss(model, tok: WordTokenizer, examples: Sequence[tuple[str, str, str]], batch: int = 256) -> float:
+    "Mean next-state token cross-entropy of `examples` (held-out loss)."
+    dev, total, count = next(model.parameters()).device, 0.0, 0
+    for i in range(0, len(examples), batch):
+        ids, mask, labels = (t.to(dev) for t in lm_training_batch(tok, examples[i:i + batch]))
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        tgt = labels[:, 1:]
+        total += F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=-100, reduction="sum").item(); count += (tgt >= 0).sum().item()
+    return total / count
+
+def shuffle_states(examples: Sequence[tuple[str, str, str]], seed: int) -> list[tuple[str, str, str]]:
+    "The twin's data: each example's state description replaced by that of a random other example."
+    perm = np.random.default_rng(seed).permutation(len(examples))
+    return [(examples[j][0], a, n) for j, (_, a, n) in zip(perm, examples)]
 
 def _left_pad(seqs, pad_id, device):
     L = max(map(len, seqs))
@@ -627,26 +655,40 @@ def _left_pad(seqs, pad_id, device):
     for b, s in enumerate(seqs): ids[b, L - len(s):] = torch.tensor(s); mask[b, L - len(s):] = 1
     return ids, mask
 
-@torch.no_grad()
-def lm_generate(model, tok: WordTokenizer, prompts: Sequence[str], max_new_tokens: int = 64) -> list[str]:
-    "Greedy batched continuation of `prompts` (left-padded, with a KV cache) up to <eos>."
-    dev = next(model.parameters()).device
-    ids, mask = _left_pad([tok.encode(p) for p in prompts], tok.pad_id, dev)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-    new, done = [], torch.zeros(len(prompts), dtype=torch.bool, device=dev)
-    for _ in range(max_new_tokens):
-        nxt = out.logits[:, -1].argmax(-1).masked_fill(done, tok.pad_id)
-        new.append(nxt); done |= nxt == tok.eos_id
-        if done.all(): break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1); pos = pos[:, -1:] + 1
-        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=out.past_key_values, use_cache=True)
-    gen = torch.stack(new, 1).tolist()
-    return [tok.decode(g[:g.index(tok.eos_id)] if tok.eos_id in g else g) for g in gen]
+def description_slots(tok: WordTokenizer) -> tuple[list[int], list[tuple[int, int]]]:
+    "Token ids of a state description and the (position, variable) of its value tokens, in text order."
+    base, alt = np.array([0, 1, 0, 0, 0, 2, 3, 4]), (5, 6, 1, 1, 1, 5, 6, 7)
+    ids, slots = tok.encode(describe_state(base)), []
+    for j in range(len(VARIABLES)):
+        other = base.copy(); other[j] = alt[j]
+        diff = [i for i, (x, y) in enumerate(zip(ids, tok.encode(describe_state(other)))) if x != y]
+        assert len(diff) == 1, f"variable {VARIABLES[j]} is not one token of the description"
+        slots.append((diff[0], j))
+    return ids, sorted(slots)
 
-def lm_next_states(model, tok, state_texts: Sequence[str], action_texts_: Sequence[str]) -> list[str]:
-    "The LM as its own world model: predicted next-state descriptions."
-    return lm_generate(model, tok, [transition_prompt(s, a) for s, a in zip(state_texts, action_texts_)])
+def _value_ids(tok: WordTokenizer, j: int) -> list[int]:
+    return [tok.ids["green" if v else "red"] if j in (2, 3, 4) else tok.ids[str(v)] for v in range(N_VALUES[j])]
+
+@torch.no_grad()
+def lm_next_states(model, tok: WordTokenizer, state_texts: Sequence[str], action_texts_: Sequence[str]) -> list[str]:
+    """The LM as its own world model: greedy next-state descriptions, decoded inside the describer's template
+    (the template's words are given; at each value the LM's most likely valid value is taken)."""
+    dev, B = next(model.parameters()).device, len(state_texts)
+    template, slots = description_slots(tok)
+    ids, mask = _left_pad([tok.encode(transition_prompt(s, a)) for s, a in zip(state_texts, action_texts_)], tok.pad_id, dev)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    values, cache, start, feed = np.zeros((B, len(VARIABLES)), dtype=np.int64), None, 0, ids
+    for slot, j in slots:  # one forward pass per value: the template up to it, then the chosen value
+        seg = torch.tensor(template[start:slot], dtype=torch.long, device=dev).expand(B, slot - start)
+        x = torch.cat([feed, seg], 1); start = slot + 1
+        if cache is None: p, mask = torch.cat([pos, pos[:, -1:] + 1 + torch.arange(seg.shape[1], device=dev)], 1), torch.cat([mask, torch.ones_like(seg)], 1)
+        else: p, mask = last[:, None] + 1 + torch.arange(x.shape[1], device=dev), torch.cat([mask, torch.ones_like(x)], 1)
+        out = model(input_ids=x, attention_mask=mask, position_ids=p, past_key_values=cache, use_cache=True)
+        cache, last = out.past_key_values, p[:, -1]
+        allowed = torch.tensor(_value_ids(tok, j), device=dev)
+        choice = out.logits[:, -1, allowed].argmax(-1)
+        values[:, j], feed = choice.cpu().numpy(), allowed[choice][:, None]
+    return [describe_variables(v) for v in values]
 
 def canonical_action_text(action: int) -> str:
     "The plainest grammar sentence of an action (subject 'You', first verb, no adjective)."
@@ -655,81 +697,127 @@ def canonical_action_text(action: int) -> str:
     verb = _NOOP[0] if a.kind == "noop" else _VERBS[a.kind][0]
     return next(t for t in texts if t.startswith(f"You {verb}") and (a.kind == "noop" or f"{verb} the {'' if a.kind == 'boulder' else COLOURS[a.target] + ' '}" in t))
 
-@torch.no_grad()
-def lm_action_scores(model, tok, state_texts: Sequence[str]) -> np.ndarray:
-    "Log-probability the LM gives each action's canonical sentence after each state, (n_states, N_ACTIONS)."
-    dev = next(model.parameters()).device
-    seqs, spans = [], []
-    for s in state_texts:
-        prompt = tok.encode(transition_prompt(s))
-        for k in range(N_ACTIONS):
-            a = tok.encode(canonical_action_text(k)); seqs.append(prompt + a); spans.append((len(prompt), len(prompt) + len(a)))
-    ids, mask = _left_pad(seqs, tok.pad_id, dev)
-    logp = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits.log_softmax(-1)
-    L, scores = ids.shape[1], []
-    for b, (s, e) in enumerate(spans):
-        off = L - len(seqs[b])
-        tgt = ids[b, off + s:off + e]
-        scores.append(logp[b, off + s - 1:off + e - 1].gather(-1, tgt[:, None]).sum().item())
-    return np.array(scores).reshape(len(state_texts), N_ACTIONS)
-
 # %% ../nbs/06_causal_world_models.ipynb #147376d5
+@dataclass(frozen=True)
+class Protocol:
+    "A planning protocol: the planner's actions, the variables a goal checks and their tolerance."
+    name: str
+    actions: tuple  # action indices the planner (and the goal generator) may use
+    goal_vars: tuple  # indices of the variables the goal check compares
+    tolerance: float  # on variables scaled to [0, 1] by (number of values - 1)
+
+    def __post_init__(self):
+        if not self.actions or any(not 0 <= a < N_ACTIONS for a in self.actions):
+            raise ValueError(f"protocol {self.name}: actions must be indices in [0, {N_ACTIONS}), got {self.actions}")
+        if not self.goal_vars or any(not 0 <= v < len(VARIABLES) for v in self.goal_vars):
+            raise ValueError(f"protocol {self.name}: goal_vars must index VARIABLES, got {self.goal_vars}")
+
+    def matched(self, variables, goals) -> np.ndarray:
+        "Whether each checked variable is within tolerance of the goal, (n, len(goal_vars)); -1 (unreadable) never is."
+        v, g = np.atleast_2d(variables)[:, list(self.goal_vars)], np.atleast_2d(goals)[:, list(self.goal_vars)]
+        scale = np.array(N_VALUES)[list(self.goal_vars)] - 1
+        return (v >= 0) & (np.abs(v - g) / scale <= self.tolerance + 1e-9)
+
+    def reached(self, variables, goals) -> np.ndarray:
+        "Whether each state meets its goal, (n,) bool."
+        return self.matched(variables, goals).all(-1)
+
+PAPER = Protocol("paper", (0, 1, 2, 3), (2, 3, 4, 5, 6, 7), 0.07)  # no-op, toggle each light; obstacle ignored
+FULL = Protocol("full", tuple(range(N_ACTIONS)), tuple(range(len(VARIABLES))), 0.0)
+
+def planning_budget(protocol: Protocol, horizon: int, budget_mult: int) -> int:
+    "MCTS expansions per goal: `budget_mult` x branching factor x depth."
+    if budget_mult < 1 or horizon < 1: raise ValueError(f"budget_mult and horizon must be >= 1, got {budget_mult}, {horizon}")
+    return budget_mult * len(protocol.actions) * horizon
+
 @dataclass
+class PlanningProblems:
+    "Start frames (n, H, W, 3), start states (n, 8), goal states (n, 8) and the horizon."
+    frames: np.ndarray
+    starts: np.ndarray
+    goals: np.ndarray
+    horizon: int
+
+def make_planning_problems(n: int, horizon: int, seed: int, protocol: Protocol) -> PlanningProblems:
+    "Random starts; each goal is where a random `horizon`-step sequence of the protocol's actions leads."
+    if n < 1 or horizon < 1: raise ValueError(f"n and horizon must be >= 1, got {n}, {horizon}")
+    rng, env = np.random.default_rng(seed), GridWorld()
+    frames, starts, goals = [], [], []
+    for _ in range(n):
+        obs, info = env.reset(seed=int(rng.integers(2**31)))
+        s = info["state"]
+        for a in rng.choice(protocol.actions, horizon): s = transition(s, int(a))
+        frames.append(obs); starts.append(info["state"]); goals.append(s)
+    return PlanningProblems(np.stack(frames), np.stack(starts), np.stack(goals), horizon)
+
+# %% ../nbs/06_causal_world_models.ipynb #da01d5e9
+@dataclass(eq=False)
 class _Node:
     state: object
     variables: np.ndarray
     depth: int
+    score: float
     parent: "_Node | None" = None
     action: int = -1
     children: list = field(default_factory=list)
     visits: int = 0
     value_sum: float = 0.0
+    done: bool = False  # terminal, or every leaf below it is
 
-def mcts_plan(root_state, # the world model's representation of the start state
-              goal: np.ndarray, # (8,) goal variables
-              horizon: int, # plan length
+def _path(node: _Node) -> list[int]:
+    plan = []
+    while node.parent is not None: plan.append(node.action); node = node.parent
+    return plan[::-1]
+
+def mcts_plan(roots: Sequence, # the simulator's representation of each start state
+              goals: np.ndarray, # (n, 8) goal variables
+              horizon: int, # maximum plan length (depth limit)
               step: Callable, # (states, actions) -> next states
               decode: Callable, # states -> (n, 8) variables
-              propose: Callable, # states -> (n, N_ACTIONS) action scores (higher first)
-              n_iters: int = 50, # expansions
-              n_candidates: int = N_ACTIONS, # children per expansion
+              protocol: Protocol, # actions and goal check
+              n_iters: int, # expansions per tree
               c_uct: float = 0.5, # exploration constant
-             ) -> list[int]:
-    "Plan `horizon` actions whose simulated end state matches `goal`; returns action indices."
-    goal = np.asarray(goal)
-    if goal.shape != (len(VARIABLES),): raise ValueError(f"goal must have {len(VARIABLES)} variables, got shape {goal.shape}")
+             ) -> tuple[list[list[int]], np.ndarray]: # plans, and whether each tree reached its goal in the model
+    "Plan for every goal at once; returns the plans and the in-model success of each tree."
+    goals = np.asarray(goals)
+    if goals.shape != (len(roots), len(VARIABLES)): raise ValueError(f"goals must be (n_roots, {len(VARIABLES)}), got {goals.shape} for {len(roots)} roots")
     if horizon < 1 or n_iters < 1: raise ValueError(f"horizon and n_iters must be >= 1, got {horizon}, {n_iters}")
-    score = lambda v: float((v == goal).mean())
-    root = _Node(root_state, decode([root_state])[0], 0)
-    best = None
+    score = lambda v, g: float(protocol.matched(v, g).mean())
+    trees = [_Node(r, v, 0, score(v, g), done=bool(protocol.reached(v, g)[0])) for r, v, g in zip(roots, decode(list(roots)), goals)]
+    found = [t if t.done else None for t in trees]
+    best, A = list(trees), list(protocol.actions)
     for _ in range(n_iters):
-        node = root
-        while node.children and node.depth < horizon:  # selection (UCT)
-            node = max(node.children, key=lambda ch: ch.value_sum / ch.visits + c_uct * math.sqrt(math.log(node.visits) / ch.visits))
-        if node.depth < horizon:  # expansion: the proposer's top candidates, simulated in one batch
-            actions = [int(a) for a in np.argsort(-propose([node.state])[0], kind="stable")[:n_candidates]]
-            states = step([node.state] * len(actions), actions)
-            variables = decode(states)
-            node.children = [_Node(s, v, node.depth + 1, node, a, visits=1, value_sum=score(v)) for s, v, a in zip(states, variables, actions)]
-            value = max(ch.value_sum for ch in node.children)
-            for ch in node.children:
-                if ch.depth == horizon and (best is None or score(ch.variables) > score(best.variables)): best = ch
-        else: value = score(node.variables)
-        while node is not None:  # backup
-            node.visits += 1; node.value_sum += value; node = node.parent
-        if best is not None and score(best.variables) == 1.0: break
-    if best is None:  # the search never reached the horizon: follow the most visited path, pad with no-ops
-        best = root
-        while best.children: best = max(best.children, key=lambda ch: ch.visits)
-    plan = []
-    while best.parent is not None: plan.append(best.action); best = best.parent
-    return plan[::-1] + [0] * (horizon - len(plan))
+        leaves = []
+        for i, node in enumerate(trees):
+            if node.done: continue
+            while node.children:  # selection: UCT over the children not yet exhausted
+                parent = node
+                node = max((c for c in parent.children if not c.done),
+                           key=lambda c: c.value_sum / c.visits + c_uct * math.sqrt(math.log(max(parent.visits, 1)) / c.visits))
+            leaves.append((i, node))
+        if not leaves: break
+        nxt = step([n.state for _, n in leaves for _ in A], [a for _ in leaves for a in A])  # one batched call
+        var = decode(nxt)
+        for j, (i, node) in enumerate(leaves):
+            for k, a in enumerate(A):
+                v = var[j * len(A) + k]
+                hit, s = bool(protocol.reached(v, goals[i])[0]), score(v, goals[i])
+                c = _Node(nxt[j * len(A) + k], v, node.depth + 1, s, node, a, visits=1, value_sum=s, done=hit or node.depth + 1 >= horizon)
+                node.children.append(c)
+                if hit and found[i] is None: found[i] = c
+                if s > best[i].score: best[i] = c
+            value = max(c.score for c in node.children)
+            while node is not None:  # backup
+                node.visits += 1; node.value_sum += value
+                node.done = node.done or all(c.done for c in node.children)
+                node = node.parent
+            if found[i] is not None: trees[i].done = True
+    return [_path(f if f is not None else b) for f, b in zip(found, best)], np.array([f is not None for f in found])
 
-def perfect_simulator():
-    "step/decode/propose functions of the true environment (states are variable vectors; uniform proposals)."
+def true_simulator():
+    "step/decode of the true environment (states are variable vectors): the planner's ceiling."
     return (lambda states, actions: [transition(s, a) for s, a in zip(states, actions)],
-            lambda states: np.stack([np.asarray(s) for s in states]),
-            lambda states: np.zeros((len(states), N_ACTIONS)))
+            lambda states: np.stack([np.asarray(s) for s in states]))
 
 def execute_plan(state: Sequence[int], plan: Sequence[int]) -> np.ndarray:
     "The true state after executing `plan` from `state`."
@@ -737,56 +825,84 @@ def execute_plan(state: Sequence[int], plan: Sequence[int]) -> np.ndarray:
     for a in plan: s = transition(s, a)
     return s
 
-# %% ../nbs/06_causal_world_models.ipynb #da01d5e9
+def executed_success(plans: Sequence[Sequence[int]], problems: PlanningProblems, protocol: Protocol) -> np.ndarray:
+    "Whether each plan, executed in the true environment, ends in its goal (n,) bool."
+    ends = np.stack([execute_plan(s, p) for s, p in zip(problems.starts, plans)])
+    return protocol.reached(ends, problems.goals)
+
+def noop_plans(problems: PlanningProblems) -> list[list[int]]:
+    "Baseline: `h` no-ops."
+    return [[0] * problems.horizon for _ in problems.starts]
+
+def random_plans(problems: PlanningProblems, protocol: Protocol, seed: int) -> list[list[int]]:
+    "Baseline: `h` uniformly random actions of the protocol."
+    rng = np.random.default_rng(seed)
+    return [[int(a) for a in rng.choice(protocol.actions, problems.horizon)] for _ in problems.starts]
+
+# %% ../nbs/06_causal_world_models.ipynb #20e0c7a2
+def majority_vote(values: torch.Tensor, # (B, k, V) integer votes in [0, n_values)
+                  n_values: int = max(N_VALUES),
+                 ) -> torch.Tensor: # (B, V): the most frequent value per row and variable (ties: the smaller)
+    "Per-variable majority vote over particles."
+    return F.one_hot(values.long(), n_values).sum(1).argmax(-1)
+
 class CausalWorldModel:
-    "Autoencoder + flow + transition prior + causal mapper, simulating in the causal latent space."
+    "Autoencoder + flow + transition prior + causal mapper, simulating `k` particles in the causal latent space."
     def __init__(self, ae: Autoencoder, crl: CausalRL, mapper: CausalMapper, x_mean: torch.Tensor, x_std: torch.Tensor,
                  text_emb: torch.Tensor, # (len(ALL_ACTION_TEXTS), 384) cached sentence embeddings
+                 k: int = 5, # particles per simulated state
+                 seed: int = 0, # seed of the prior samples
                 ):
         if text_emb.shape[0] != len(ALL_ACTION_TEXTS): raise ValueError(f"text_emb must embed all {len(ALL_ACTION_TEXTS)} action texts, got {text_emb.shape[0]}")
-        self.ae, self.crl, self.mapper, self.x_mean, self.x_std, self.text_emb = ae, crl, mapper, x_mean, x_std, text_emb
+        if k < 1: raise ValueError(f"k (particles) must be >= 1, got {k}")
+        self.ae, self.crl, self.mapper, self.x_mean, self.x_std, self.text_emb, self.k = ae, crl, mapper, x_mean, x_std, text_emb, k
         self.text_index = {t: i for i, t in enumerate(ALL_ACTION_TEXTS)}
         self.device = next(crl.parameters()).device
+        self.generator = torch.Generator().manual_seed(seed)
 
     @torch.no_grad()
     def encode(self, frames: np.ndarray) -> torch.Tensor:
-        "Causal latents (B, D) of uint8 frames (B, H, W, 3)."
+        "Particles (B, k, D) of uint8 frames (B, H, W, 3): the perceived latents, repeated."
         x = (encode_frames(self.ae, frames) - self.x_mean) / self.x_std
-        return self.crl.flow(x.to(self.device))[0]
+        z = self.crl.flow(x.to(self.device))[0]
+        return z[:, None].expand(-1, self.k, -1).contiguous()
 
-    def decode(self, z: torch.Tensor) -> np.ndarray:
-        "Predicted variables (B, 8) of latents (B, D)."
-        return self.mapper.predict(z.cpu()).numpy()
+    def decode(self, Z: torch.Tensor) -> np.ndarray:
+        "Variables (B, 8) of particles (B, k, D): mapper per particle, majority vote."
+        B, k, D = Z.shape
+        return majority_vote(self.mapper.predict(Z.reshape(B * k, D).cpu()).reshape(B, k, -1)).numpy()
 
-    def describe(self, z: torch.Tensor) -> list[str]:
-        "Rule-based descriptions of the decoded variables (invalid combinations are described as decoded)."
-        return [describe_state(np.clip(v, 0, np.array(N_VALUES) - 1)) if _valid(v) else _describe_raw(v) for v in self.decode(z)]
+    def describe(self, Z: torch.Tensor) -> list[str]:
+        "Rule-based descriptions of the decoded variables (overlapping objects are described as decoded)."
+        return [describe_variables(v) for v in self.decode(Z)]
 
     @torch.no_grad()
-    def step(self, z: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
-        "Simulate one step per row: latents (B, D) and action sentences -> next latents (B, D)."
+    def step(self, Z: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        "Simulate one step per row: particles (B, k, D) and action sentences -> next particles (B, k, D)."
         try: ids = [self.text_index[t] for t in texts]
         except KeyError as e: raise ValueError(f"action text {e.args[0]!r} is not a sentence of the action grammar") from None
-        state = self.decode(z)
-        coords = torch.from_numpy(np.stack([action_coordinates(parse_action(t), s) for t, s in zip(texts, state)])).to(self.device)
-        return self.crl.predict(z, coords, self.text_emb[ids].to(self.device), self.crl.temperature)
+        B, k, D = Z.shape
+        state = self.decode(Z)
+        coords = torch.from_numpy(np.stack([action_coordinates(parse_action(t), s) for t, s in zip(texts, state)]))
+        rep = lambda t: t.to(self.device)[:, None].expand(B, k, t.shape[-1]).reshape(B * k, -1)
+        return self.crl.sample(Z.reshape(B * k, D), rep(coords), rep(self.text_emb[ids]), self.generator).reshape(B, k, D)
 
-    def planner(self, propose: Callable):
-        "step/decode/propose for `mcts_plan`; states are latent rows (D,)."
+    def simulator(self):
+        "step/decode for `mcts_plan`; a state is a (k, D) tensor of particles."
         step = lambda states, actions: list(self.step(torch.stack(states), [canonical_action_text(a) for a in actions]))
-        return step, lambda states: self.decode(torch.stack(states)), propose
+        return step, lambda states: self.decode(torch.stack(states))
 
-def _valid(v):
-    try: check_state(v); return True
-    except ValueError: return False
+def lm_simulator(model, tok: WordTokenizer):
+    "step/decode for `mcts_plan` with the LM as its own world model; a state is a description (greedy, so memoised)."
+    memo = {}
+    def step(states, actions):
+        keys = list(zip(states, actions))
+        todo = [k for k in dict.fromkeys(keys) if k not in memo]
+        if todo: memo.update(zip(todo, lm_next_states(model, tok, [s for s, _ in todo], [canonical_action_text(a) for _, a in todo])))
+        return [memo[k] for k in keys]
+    return step, lambda states: np.stack([parse_state(s) for s in states])
 
-def _describe_raw(v):
-    "Describe decoded variables even when they overlap (the world model's belief, not a valid state)."
-    cars = " ".join(f"The {c} car is in row {v[5 + i]}." for i, c in enumerate(COLOURS))
-    lights = " ".join(f"The {c} light is {'green' if v[2 + i] else 'red'}." for i, c in enumerate(COLOURS))
-    return f"{cars} {lights} The boulder is in column {v[0]} and row {v[1]}."
-
-# %% ../nbs/06_causal_world_models.ipynb #3b40c65b
+# %% ../nbs/06_causal_world_models.ipynb #f6e8223d
 @dataclass
 class InferenceProblems:
     "Start frames (n, H, W, 3), true states (n, h+1, 8) and action sentences (n lists of h) for causal inference."
@@ -800,11 +916,11 @@ def make_inference_problems(n: int, max_horizon: int, seed: int) -> InferencePro
     return InferenceProblems(d.frames[:, 0], d.states, [[ALL_ACTION_TEXTS[i] for i in row] for row in d.text_ids])
 
 def cwm_rollout(cwm: CausalWorldModel, problems: InferenceProblems, horizons: Sequence[int]) -> dict[int, np.ndarray]:
-    "Predicted variables (n, 8) after each horizon in `horizons`, simulating with the CWM."
-    z, out = cwm.encode(problems.frames), {}
+    "Predicted variables (n, 8) after each horizon in `horizons`, simulating with the CWM's particles."
+    Z, out = cwm.encode(problems.frames), {}
     for t in range(max(horizons)):
-        z = cwm.step(z, [row[t] for row in problems.texts])
-        if t + 1 in horizons: out[t + 1] = np.stack([parse_state(d) for d in cwm.describe(z)])
+        Z = cwm.step(Z, [row[t] for row in problems.texts])
+        if t + 1 in horizons: out[t + 1] = cwm.decode(Z)
     return out
 
 def lm_rollout(model, tok, problems: InferenceProblems, horizons: Sequence[int]) -> dict[int, np.ndarray]:
@@ -815,16 +931,126 @@ def lm_rollout(model, tok, problems: InferenceProblems, horizons: Sequence[int])
         if t + 1 in horizons: out[t + 1] = np.stack([parse_state(d) for d in texts])
     return out
 
-def make_planning_problems(n: int, horizon: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    "Start frames (n, H, W, 3), start states (n, 8) and goal states (n, 8) reachable in `horizon` steps."
-    d = collect_interactions(n, horizon, seed)
-    return d.frames[:, 0], d.states[:, 0], d.states[:, -1]
+def problem_accuracy(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    "Fraction of the 8 variables predicted exactly, per problem (n,)."
+    return (np.asarray(pred) == np.asarray(true)).mean(-1)
 
-def lm_planner(model, tok, propose: Callable):
-    "step/decode/propose for `mcts_plan` with the LM as its own world model; states are descriptions."
-    step = lambda states, actions: lm_next_states(model, tok, states, [canonical_action_text(a) for a in actions])
-    return step, lambda states: np.stack([parse_state(s) for s in states]), propose
+# %% ../nbs/06_causal_world_models.ipynb #9064e84a
+TRAIN_DEFAULTS = dict(n_episodes=4000, episode_len=5, latent_dim=16, ae_steps=2500, flow_steps=2500, mapper_steps=2500,
+                      lm_steps=2000, lm_width=96)
+COMPONENT_SEED, TEST_SEED = 10_000, 30_000  # held-out episodes for the component checks; test problems
 
-def plan_success(plans: Sequence[Sequence[int]], starts: np.ndarray, goals: np.ndarray) -> np.ndarray:
-    "Whether each plan, executed in the true environment, ends in its goal (n,) bool."
-    return np.array([(execute_plan(s, p) == g).all() for p, s, g in zip(plans, starts, goals)])
+class Components(nn.Module):
+    "One seed's trained parts: autoencoder, CRL model, causal mapper, LM and its shuffled-state twin."
+    def __init__(self, cfg: dict, vocab_size: int, seed: int = 0):
+        super().__init__()
+        missing = set(TRAIN_DEFAULTS) - set(cfg)
+        if missing: raise ValueError(f"training config lacks {sorted(missing)}")
+        D = cfg["latent_dim"]
+        self.ae, self.crl, self.mapper = Autoencoder(D), CausalRL(D, "text", seed=seed), CausalMapper(D)
+        self.lm, self.lm_shuffled = build_lm(vocab_size, cfg["lm_width"], seed=seed), build_lm(vocab_size, cfg["lm_width"], seed=seed)
+        self.register_buffer("x_mean", torch.zeros(D)); self.register_buffer("x_std", torch.ones(D))
+
+def _every(xs, n=25): return [float(x) for x in xs[::n]]
+
+def lm_examples(data: Interactions) -> list[tuple[str, str, str]]:
+    "(state description, action sentence, next-state description) of every transition in `data`."
+    E, T = data.actions.shape
+    return [(describe_state(data.states[e, t]), ALL_ACTION_TEXTS[data.text_ids[e, t]], describe_state(data.states[e, t + 1]))
+            for e in range(E) for t in range(T)]
+
+def train_components(cfg: dict, # training configuration (keys of TRAIN_DEFAULTS)
+                     seed: int, # seeds the data, every initialisation and every batch order
+                     text_table: torch.Tensor, # (len(ALL_ACTION_TEXTS), 384) sentence embeddings
+                     device: str | torch.device = "cpu", show_progress: bool = False,
+                    ) -> tuple[Components, dict]: # the components (CPU, eval mode) and their training curves
+    "Train one seed's components on its own random-policy episodes."
+    tok = make_tokenizer()
+    comp = Components(cfg, len(tok), seed)
+    data = collect_interactions(cfg["n_episodes"], cfg["episode_len"], seed)
+    ae, ae_losses = train_autoencoder(data.frames, cfg["latent_dim"], cfg["ae_steps"], seed, device=device, show_progress=show_progress)
+    x = encode_frames(ae, data.frames)
+    x_mean, x_std = x.mean((0, 1)), x.std((0, 1)) + 1e-6
+    x = (x - x_mean) / x_std
+    text = text_table[torch.from_numpy(data.text_ids)]
+    crl, crl_losses = train_crl(x, action_inputs(data.actions, data.states[:, :-1]), text, "text", cfg["flow_steps"], seed,
+                                device=device, show_progress=show_progress)
+    with torch.no_grad(): z = crl.flow(x.reshape(-1, x.shape[-1]).to(device))[0].cpu()
+    mapper = train_mapper(z, data.states.reshape(-1, len(VARIABLES)), cfg["mapper_steps"], seed)
+    examples = lm_examples(data)
+    heldout = lm_examples(collect_interactions(100, 5, COMPONENT_SEED))[:300]
+    curves = dict(ae=_every(ae_losses), crl=_every(crl_losses))
+    for name, ex in (("lm", examples), ("lm_shuffled", shuffle_states(examples, seed))):
+        lm = getattr(comp, name)
+        losses, held = train_lm(lm, tok, ex, cfg["lm_steps"], seed, device=device, show_progress=show_progress, heldout=heldout)
+        curves[name], curves[name + "_heldout"] = _every(losses), held
+    comp.ae.load_state_dict(ae.state_dict()); comp.crl.load_state_dict(crl.state_dict()); comp.mapper.load_state_dict(mapper.state_dict())
+    comp.x_mean.copy_(x_mean); comp.x_std.copy_(x_std)
+    return comp.cpu().eval(), curves
+
+def _sha256(path: Path) -> str: return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+def _train_and_save(_variant: str, seed: int, cfg: dict, out: str, text_table: torch.Tensor, device: str) -> dict:
+    from safetensors.torch import save_model
+    comp, curves = train_components(cfg, seed, text_table, device)
+    save_model(comp.half(), str(Path(out) / f"seed{seed}.safetensors"))
+    return curves
+
+def write_checkpoints(out_dir: str | Path, # folder for seed<s>.safetensors and manifest.json
+                      seeds: Sequence[int] = (0, 1, 2), cfg: dict | None = None, # default: TRAIN_DEFAULTS
+                      device: str = "cpu", workers: int = 1, # parallel seeds (CPU processes)
+                      command: str = "", # the exact command line, recorded in the manifest
+                     ) -> dict: # the manifest
+    "Train every seed's components and write float16 safetensors checkpoints with a manifest."
+    from moebook.evidence import paired_runs
+    cfg, out = dict(cfg or TRAIN_DEFAULTS), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    text_table = embed_texts(ALL_ACTION_TEXTS)
+    from moebook.evidence import provenance
+    t0, code = time.time(), provenance()  # the code that trains
+    run = functools.partial(_train_and_save, cfg=cfg, out=str(out), text_table=text_table, device=device)
+    curves = paired_runs(run, ["components"], list(seeds), workers=workers)
+    files = {f"seed{s}.safetensors": {"sha256": _sha256(out / f"seed{s}.safetensors"), "bytes": (out / f"seed{s}.safetensors").stat().st_size} for s in seeds}
+    manifest = dict(config=cfg, seeds=list(seeds), files=files, dtype="float16", command=command, commit=code["commit"], dirty=code["dirty"], torch=torch.__version__, device=str(device),
+                    wall_s=round(time.time() - t0, 1), curves={str(s): curves[("components", s)] for s in seeds})
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+def load_components(folder: str | Path, # a folder written by `write_checkpoints`
+                    seed: int, device: str | torch.device = "cpu",
+                   ) -> Components:
+    "One seed's components, checked against the manifest's SHA-256, in float32."
+    from safetensors.torch import load_model
+    folder = Path(folder)
+    if not (folder / "manifest.json").exists(): raise FileNotFoundError(f"{folder}: no manifest.json (write it with write_checkpoints)")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    name = f"seed{seed}.safetensors"
+    if name not in manifest["files"]: raise ValueError(f"{folder}: no checkpoint for seed {seed} (it has seeds {manifest['seeds']}); pass retrain=True")
+    if _sha256(folder / name) != manifest["files"][name]["sha256"]: raise ValueError(f"{folder / name}: SHA-256 differs from the manifest (corrupted or replaced)")
+    comp = Components(manifest["config"], len(make_tokenizer()), seed).half()
+    load_model(comp, str(folder / name))
+    return comp.float().to(device).eval()
+
+# %% ../nbs/06_causal_world_models.ipynb #2b23fbc3
+def affected_variables(state: Sequence[int], action: int) -> np.ndarray:
+    "The variables an action affects in a state (8,) bool: its intervention targets and every variable that changes."
+    s, a = check_state(state), ACTIONS[action_index(action)]
+    m = transition(s, action) != s
+    if a.kind == "toggle": m[2 + a.target] = True
+    elif a.kind == "car": m[5 + a.target] = True
+    elif a.kind == "boulder": m[0 if a.direction in ("left", "right") else 1] = True
+    return m
+
+def perception_accuracy(cwm: CausalWorldModel, frames: np.ndarray, states: np.ndarray) -> np.ndarray:
+    "Per-variable accuracy (8,) of the variables decoded from frames (N, H, W, 3) against states (N, 8)."
+    pred = np.concatenate([cwm.decode(cwm.encode(frames[i:i + 512])) for i in range(0, len(frames), 512)])
+    return (pred == states).mean(0)
+
+def transition_accuracy(cwm: CausalWorldModel, data: Interactions) -> dict[str, float]:
+    "1-step accuracy from perceived frames on affected variables (CWM and copy), and on all variables."
+    f, s0, s1 = data.frames[:, :-1].reshape(-1, *data.frames.shape[2:]), data.states[:, :-1].reshape(-1, 8), data.states[:, 1:].reshape(-1, 8)
+    texts = [ALL_ACTION_TEXTS[i] for i in data.text_ids.reshape(-1)]
+    pred = np.concatenate([cwm.decode(cwm.step(cwm.encode(f[i:i + 512]), texts[i:i + 512])) for i in range(0, len(f), 512)])
+    aff = np.stack([affected_variables(s, a) for s, a in zip(s0, data.actions.reshape(-1))])
+    return dict(cwm_affected=float((pred == s1)[aff].mean()), copy_affected=float((s0 == s1)[aff].mean()),
+                cwm_all=float((pred == s1).mean()), copy_all=float((s0 == s1).mean()), n_affected=int(aff.sum()))

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #2258361e
 from __future__ import annotations
-import contextlib, json, math, os, random, tempfile
+import contextlib, json, math, numbers, os, random, tempfile
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable
 
@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 # %% auto #0
 __all__ = ['METRICS_ENV', 'seed_everything', 'pick_device', 'to_jsonable', 'atomic_write', 'atomic_write_text', 'record_metrics',
-           'progress']
+           'check_int', 'check_float', 'progress']
 
 # %% ../nbs/00_core.ipynb #0d781e28
 def seed_everything(seed: int, # seed for `random`, NumPy and torch (all devices)
@@ -80,6 +80,25 @@ def record_metrics(**metrics) -> dict[str, Any]:
         old = json.loads(p.read_text()) if p.exists() else {}
         atomic_write_text(p, json.dumps({**old, **_recorded}, indent=2, sort_keys=True))
     return dict(_recorded)
+
+# %% ../nbs/00_core.ipynb #6c797119
+def check_int(name: str, # the setting's name, as the user wrote it (e.g. 'TrainConfig.max_steps')
+              value, minimum: int = 0) -> int:
+    "`value` as an int if it is an integer >= `minimum`; else a `TypeError` / `ValueError` naming `name`."
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < minimum: raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+def check_float(name: str, value, minimum: float = 0.0,
+                strict: bool = False, # require value > minimum
+               ) -> float:
+    "`value` as a float if it is a finite real >= `minimum` (> with `strict`); else an error naming `name`."
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__} ({value!r})")
+    if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {minimum}, got {value}")
+    return float(value)
 
 # %% ../nbs/00_core.ipynb #8530f372
 def progress(iterable: Iterable | None = None, enabled: bool = True, **kwargs):

@@ -14,7 +14,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .core import atomic_write_text
+from .core import atomic_write_text, check_float, check_int
 
 # %% auto #0
 __all__ = ['DOMAINS', 'SPLITS', 'EOS', 'FORMAT_VERSION', 'MANIFEST_PATH', 'DOMAIN_PROVENANCE', 'CorpusRecipe', 'stable_hash',
@@ -42,10 +42,8 @@ class CorpusRecipe:
     arithmetic_seed: int = 0  # seed of the arithmetic generator
 
     def __post_init__(self):
-        for name in ("max_bytes_per_domain", "max_doc_bytes", "vocab_size", "tokenizer_sample_bytes"):
-            if type(v := getattr(self, name)) is not int or v <= 0:
-                raise ValueError(f"CorpusRecipe.{name} must be a positive int, got {v!r}")
-        if type(self.arithmetic_seed) is not int: raise ValueError(f"CorpusRecipe.arithmetic_seed must be an int, got {self.arithmetic_seed!r}")
+        for name in ("max_bytes_per_domain", "max_doc_bytes", "vocab_size", "tokenizer_sample_bytes"): check_int(f"CorpusRecipe.{name}", getattr(self, name), 1)
+        check_int("CorpusRecipe.arithmetic_seed", self.arithmetic_seed)
         if not (isinstance(self.val_fraction, float) and 0 < self.val_fraction < 0.5):
             raise ValueError(f"CorpusRecipe.val_fraction must be a float in (0, 0.5), got {self.val_fraction!r}")
         if not 258 <= self.vocab_size <= 65_535:
@@ -309,10 +307,7 @@ class Corpus:
         if split not in SPLITS: raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
 
     def _check_sizes(self, **sizes):
-        for name, v in sizes.items():
-            positive = name in ("batch_size", "seq_len", "n_micro")
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < int(positive):
-                raise ValueError(f"{name} must be a {'positive' if positive else 'non-negative'} int, got {v!r}")
+        for name, v in sizes.items(): check_int(name, v, int(name in ("batch_size", "seq_len", "n_micro")))
 
     def tokens(self, domain: str, split: str = "train") -> np.ndarray:
         "The whole token stream of `domain`/`split`: (N,) uint16, memory-mapped, documents separated by EOS."
@@ -385,8 +380,7 @@ class Corpus:
         if not isinstance(weights, dict) or not weights: raise ValueError(f"weights must be a non-empty dict domain -> weight, got {weights!r}")
         for d, w in weights.items():
             self._check_domain(d)
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
-                raise ValueError(f"weight of domain {d!r} must be a finite number >= 0, got {w!r}")
+            check_float(f"weight of domain {d!r}", w)
         if abs(sum(weights.values()) - 1) > 1e-6: raise ValueError(f"weights must sum to 1, got {sum(weights.values())} for {weights}")
         return {d: float(w) for d, w in weights.items()}
 

@@ -13,12 +13,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .core import atomic_write_text, seed_everything
+from .core import atomic_write_text, check_int, seed_everything
 from .corpus import DOMAINS, EOS, Corpus, CorpusRecipe, DomainText, collect_domain, default_cache_dir, train_tokenizer
 from .evidence import paired_runs, provenance
 from .global_lbl import max_violation
 from .moe import MoeLM, MoeLMConfig, capture_routing, count_parameters, dense_matched, expert_counts
-from .schedules import InfiniteSchedule, Phases, Schedule, WarmupCosine, check_steps, rewarm
+from .schedules import InfiniteSchedule, Phases, Schedule, WarmupCosine, rewarm
 from .train import TrainConfig, train
 
 # %% auto #0
@@ -78,8 +78,7 @@ class CPTCorpusSpec:
         for d in (self.d1, self.d2):
             if d not in DOMAINS: raise ValueError(f"CPTCorpusSpec: unknown domain {d!r}; the domains are {DOMAINS}")
         if self.d1 == self.d2: raise ValueError(f"CPTCorpusSpec: d1 and d2 must differ (a shift), both are {self.d1!r}")
-        if type(self.dup_min_chars) is not int or self.dup_min_chars < 1:
-            raise ValueError(f"CPTCorpusSpec.dup_min_chars must be an int >= 1, got {self.dup_min_chars!r}")
+        check_int("CPTCorpusSpec.dup_min_chars", self.dup_min_chars, 1)
         self.recipe()  # the corpus recipe checks the remaining fields
 
     def recipe(self) -> CorpusRecipe:
@@ -175,9 +174,7 @@ def load_cpt_corpus(spec: CPTCorpusSpec, # what to build
 # %% ../nbs/03_moe_cpt.ipynb #c6252772
 CODE_VERSION = "cpt/2"  # part of every checkpoint key: bump when training code changes results
 
-def _positive_int(name, v, minimum=1):
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise ValueError(f"CPTConfig.{name} must be an int >= {minimum}, got {v!r}")
+def _positive_int(name, v, minimum=1): check_int(f"CPTConfig.{name}", v, minimum)
 
 def _fraction(name, v):
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
@@ -282,7 +279,7 @@ class Shifted(Schedule):
     base: Schedule
     offset: int
 
-    def __post_init__(self): check_steps("offset", self.offset)
+    def __post_init__(self): check_int("offset", self.offset)
 
     @property
     def total_steps(self) -> int | None:

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 import moebook
-from .core import seed_everything
+from .core import check_float, check_int, seed_everything
 from .corpus import Corpus, CorpusRecipe, load_corpus, stable_hash
 from .moe import GlobalBalancer, MoELayer, MoeLM, MoeLMConfig, RouterOutput, capture_routing, expert_counts, update_expert_bias
 from .evidence import paired_runs
@@ -58,14 +58,13 @@ class ExperimentConfig:
     def __post_init__(self):
         if not isinstance(self.device, str) or not self.device:
             raise TypeError(f"ExperimentConfig.device must be a device name such as 'cpu' or 'cuda', got {self.device!r}")
+        zero_ok = ("seed", "weight_decay", "aux_loss_coef", "z_loss_coef", "n_shared_experts", "bias_update_rate")
         for f in dataclasses.fields(self):
             if f.name == "device": continue
-            v = getattr(self, f.name)
-            want = float if f.type == "float" else int
-            if isinstance(v, bool) or not isinstance(v, (int, float) if want is float else int):
-                raise TypeError(f"ExperimentConfig.{f.name} must be {want.__name__}, got {type(v).__name__} ({v!r})")
-            if v < 0 or (v == 0 and f.name not in ("seed", "weight_decay", "aux_loss_coef", "z_loss_coef", "n_shared_experts", "bias_update_rate")):
-                raise ValueError(f"ExperimentConfig.{f.name} must be {'>= 0' if f.name == 'seed' else '> 0'}, got {v!r}")
+            check = check_float if f.type == "float" else check_int
+            if f.name in zero_ok: check(f"ExperimentConfig.{f.name}", getattr(self, f.name))
+            elif check is check_int: check_int(f"ExperimentConfig.{f.name}", getattr(self, f.name), 1)
+            else: check_float(f"ExperimentConfig.{f.name}", getattr(self, f.name), strict=True)
         if self.top_k > self.n_experts: raise ValueError(f"top_k={self.top_k} > n_experts={self.n_experts}")
 
     def recipe(self) -> CorpusRecipe:
@@ -121,8 +120,7 @@ class SampledBalancer(GlobalBalancer):
                 ):
         super().__init__()
         if self.world_size != 1: raise RuntimeError("SampledBalancer is single-process: the sample needs the routing of the whole global batch")
-        if isinstance(n_sample, bool) or not isinstance(n_sample, int) or n_sample < 1:
-            raise ValueError(f"n_sample must be a positive int, got {n_sample!r}")
+        check_int("SampledBalancer.n_sample", n_sample, 1)
         self.n_sample, self.seed = n_sample, seed
         self.sample_counts: dict[int, torch.Tensor] = {}  # layer -> (M, E) expert counts of each micro-step's sample
 

@@ -19,6 +19,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 from torch.utils.checkpoint import checkpoint
 
+from .core import check_int
+
 # %% auto #0
 __all__ = ['ROUTERS', 'SCORE_FUNCTIONS', 'DROP_POLICIES', 'LB_SCOPES', 'FAMILIES', 'AUX_REDUCTIONS', 'MoEConfig', 'sinkhorn',
            'RouterOutput', 'Router', 'Dispatch', 'expert_counts', 'dispatch', 'grouped_mm', 'GroupedExperts', 'SwiGLU',
@@ -37,10 +39,6 @@ FAMILIES = ("switch", "topk", "deepseek", "sinkhorn")
 def _router_dtype(dtype: torch.dtype) -> torch.dtype:
     "Router math runs in fp32, or fp64 when the model is fp64 (never in bf16/fp16)."
     return torch.promote_types(dtype, torch.float32)
-
-def _check_int(name, value, minimum=1):
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 @dataclass
 class MoEConfig:
@@ -63,8 +61,8 @@ class MoEConfig:
     drop_policy: str = "position"       # capacity drops: "position" (Megatron) or "choice" (GShard: choice rank first)
 
     def __post_init__(self):
-        for name in ("d_model", "d_ff_expert", "n_experts", "top_k", "sinkhorn_max_iters"): _check_int(name, getattr(self, name))
-        _check_int("n_shared_experts", self.n_shared_experts, 0)
+        for name in ("d_model", "d_ff_expert", "n_experts", "top_k", "sinkhorn_max_iters"): check_int(f"MoEConfig.{name}", getattr(self, name), 1)
+        check_int("MoEConfig.n_shared_experts", self.n_shared_experts, 0)
         if self.top_k > self.n_experts:
             raise ValueError(f"top_k={self.top_k} > n_experts={self.n_experts}: a token cannot pick more experts than exist")
         if self.router not in ROUTERS: raise ValueError(f"router must be one of {ROUTERS}, got {self.router!r}")
@@ -593,7 +591,7 @@ class MoeLMConfig(PretrainedConfig):
         kwargs.setdefault("tie_word_embeddings", False)
         self.use_cache = kwargs.pop("use_cache", True)  # the KV cache (used by generate; not built in training mode)
         super().__init__(**kwargs)
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff"): _check_int(name, getattr(self, name))
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff"): check_int(f"MoeLMConfig.{name}", getattr(self, name), 1)
         if d_model % n_heads: raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
         if (d_model // n_heads) % 2: raise ValueError(f"head width d_model/n_heads={d_model // n_heads} must be even for RoPE")
         if bad := [i for i in self.moe_layers if not 0 <= i < n_layers]: raise ValueError(f"moe_layers {bad} out of range(0, {n_layers})")

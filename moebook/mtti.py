@@ -11,27 +11,30 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import scipy.linalg
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, ModelMixin, UNet2DConditionModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from torchmetrics.image.fid import FrechetInceptionDistance
 from transformers import BertConfig, BertModel, BertPreTrainedModel, PreTrainedTokenizerFast
 
 from .core import progress as progress_iter, seed_everything
 
 # %% auto #0
 __all__ = ['ATTRIBUTES', 'IMAGE_SIZE', 'LANGUAGES', 'LEXICONS', 'TEMPLATES', 'EN_SYNONYMS', 'LANGUAGE_DIFFICULTY', 'MT_SYSTEMS',
-           'GENERATOR_VERSION', 'SPECIAL_TOKENS', 'sample_scenes', 'scene_dict', 'render_scene', 'check_language',
-           'realise', 'parse_caption', 'MTSystem', 'CaptionedScenes', 'make_dataset', 'mt_error_rates',
-           'dataset_manifest', 'write_manifest', 'build_tokenizer', 'CaptionEncoder', 'new_caption_encoder',
-           'ImageEncoder', 'check_images', 'encode_texts', 'clip_loss', 'scene_ids', 'AttributeClassifier',
-           'frechet_distance', 'fid_from_features', 'attribute_accuracy', 'new_unet', 'new_scheduler', 'new_sampler',
-           'to_latent', 'from_latent', 'denoising_loss', 'sample_images', 'EnsembleAdapter', 'freeze', 'MTTIPipeline',
-           'train_contrastive', 'train_classifier', 'train_generator', 'train_adapter']
+           'GENERATOR_VERSION', 'SPECIAL_TOKENS', 'EVAL_DATA_SEED', 'sample_scenes', 'scene_dict', 'render_scene',
+           'check_language', 'realise', 'parse_caption', 'MTSystem', 'CaptionedScenes', 'make_dataset',
+           'mt_error_rates', 'dataset_manifest', 'write_manifest', 'build_tokenizer', 'unk_rate', 'CaptionEncoder',
+           'new_caption_encoder', 'ImageEncoder', 'check_images', 'encode_texts', 'clip_loss', 'scene_ids',
+           'AttributeClassifier', 'EvalFeatures', 'frechet_metric', 'frechet_distance', 'attribute_hits',
+           'attribute_accuracy', 'new_unet', 'new_scheduler', 'new_sampler', 'to_latent', 'from_latent',
+           'denoising_loss', 'fixed_denoising_loss', 'sample_images', 'EnsembleAdapter', 'freeze', 'MTTIPipeline',
+           'train_contrastive', 'train_classifier', 'train_generator', 'train_adapter', 'eval_dir',
+           'train_eval_network', 'save_eval_network', 'load_eval_network']
 
 # %% ../nbs/04_mtti_ensad.ipynb #96c7e3fa
 ATTRIBUTES: dict[str, tuple] = {
@@ -86,12 +89,14 @@ def render_scene(row: Sequence[int], # one scene (attribute indices)
 # %% ../nbs/04_mtti_ensad.ipynb #6964dcd5
 LANGUAGES = ("en", "de", "es", "ru")
 LEXICONS: dict[str, dict[str, dict]] = {
-    "en": {"colour": {"red": ["red"], "green": ["green"], "blue": ["blue"], "yellow": ["yellow"]},
-           "shape": {"circle": [("circle", "circles")], "square": [("square", "squares")], "triangle": [("triangle", "triangles")]},
-           "count": {1: ["one", "a single"], 2: ["two"], 3: ["three"]},
-           "size": {"small": ["small", "little"], "big": ["big", "large"]},
-           "position": {"left": ["on the left", "in the left half"], "right": ["on the right", "in the right half"],
-                        "top": ["at the top", "in the upper half"], "bottom": ["at the bottom", "in the lower half"]}},
+    # English: the last form of each value is the rarer synonym the MT systems sometimes choose (EN_SYNONYMS)
+    "en": {"colour": {"red": ["red", "crimson"], "green": ["green", "emerald"], "blue": ["blue", "navy"], "yellow": ["yellow", "golden"]},
+           "shape": {"circle": [("circle", "circles"), ("ring", "rings")], "square": [("square", "squares"), ("box", "boxes")],
+                     "triangle": [("triangle", "triangles"), ("wedge", "wedges")]},
+           "count": {1: ["one", "a single", "a lone"], 2: ["two", "a pair of"], 3: ["three", "a trio of"]},
+           "size": {"small": ["small", "little", "tiny"], "big": ["big", "large", "huge"]},
+           "position": {"left": ["on the left", "in the left half", "to the west"], "right": ["on the right", "in the right half", "to the east"],
+                        "top": ["at the top", "in the upper half", "to the north"], "bottom": ["at the bottom", "in the lower half", "to the south"]}},
     "de": {"colour": {"red": [("roter", "rotes", "rote")], "green": [("grüner", "grünes", "grüne")],
                       "blue": [("blauer", "blaues", "blaue")], "yellow": [("gelber", "gelbes", "gelbe")]},
            "shape": {"circle": [("Kreis", "Kreise")], "square": [("Quadrat", "Quadrate")], "triangle": [("Dreieck", "Dreiecke")]},
@@ -156,11 +161,10 @@ def realise(scene: dict, # attribute -> value (see `scene_dict`)
     return " ".join(t.format(**slots).split())
 
 @lru_cache(maxsize=None)
-def _keywords(lang: str, synonyms: bool = False) -> dict[str, tuple[str, object]]:
-    "Lower-cased tokens that name exactly one attribute value in `lang` (plus the English MT synonyms)."
+def _keywords(lang: str) -> dict[str, tuple[str, object]]:
+    "Lower-cased tokens that name exactly one attribute value in `lang`."
     seen: dict[str, set] = {}
     entries = [(a, v, f) for a, vals in LEXICONS[lang].items() for v, forms in vals.items() for f in forms]
-    if synonyms: entries += [(a, v, f) for (a, v), f in EN_SYNONYMS.items()]
     for attr, value, form in entries:
         for variant in (form if isinstance(form, tuple) else (form,)):
             for tok in variant.lower().split(): seen.setdefault(tok, set()).add((attr, value))
@@ -168,23 +172,15 @@ def _keywords(lang: str, synonyms: bool = False) -> dict[str, tuple[str, object]
 
 def parse_caption(text: str, # a caption
                   lang: str, # its language
-                  synonyms: bool = False, # also read the English MT systems' synonyms (`EN_SYNONYMS`)
                  ) -> dict: # attribute -> value for every attribute found (first keyword wins)
     "Read the scene attributes a caption mentions back from its keywords."
-    kw, out = _keywords(check_language(lang), synonyms and lang == "en"), {}
+    kw, out = _keywords(check_language(lang)), {}
     for tok in text.lower().split():
         if tok in kw and kw[tok][0] not in out: out[kw[tok][0]] = kw[tok][1]
     return out
 
 # %% ../nbs/04_mtti_ensad.ipynb #9c388e1c
-EN_SYNONYMS: dict[tuple[str, object], object] = {
-    ("colour", "red"): "crimson", ("colour", "green"): "emerald", ("colour", "blue"): "navy", ("colour", "yellow"): "golden",
-    ("shape", "circle"): ("ring", "rings"), ("shape", "square"): ("box", "boxes"), ("shape", "triangle"): ("wedge", "wedges"),
-    ("count", 1): "a lone", ("count", 2): "a pair of", ("count", 3): "a trio of",
-    ("size", "small"): "tiny", ("size", "big"): "huge",
-    ("position", "left"): "to the west", ("position", "right"): "to the east",
-    ("position", "top"): "to the north", ("position", "bottom"): "to the south",
-}
+EN_SYNONYMS: dict[tuple[str, object], object] = {(a, v): forms[-1] for a, vals in LEXICONS["en"].items() for v, forms in vals.items()}
 LANGUAGE_DIFFICULTY = {"en": 1.0, "de": 1.0, "es": 1.2, "ru": 1.6}  # multiplies drop and mistranslate rates
 
 @dataclass(frozen=True)
@@ -233,7 +229,7 @@ MT_SYSTEMS: tuple[MTSystem, ...] = (
 )
 
 # %% ../nbs/04_mtti_ensad.ipynb #8f9aedba
-GENERATOR_VERSION = "mtti-shapes-1"
+GENERATOR_VERSION = "mtti-shapes-2"  # 2: the MT synonyms are English paraphrases (issue 16)
 
 @dataclass
 class CaptionedScenes:
@@ -262,7 +258,7 @@ def mt_error_rates(data: CaptionedScenes, # captions to translate
     drops = wrong = reorders = 0
     for row, text in zip(data.scenes, data.captions[check_language(src)]):
         out, events = system.translate(text, src, return_errors=True)
-        got, truth = parse_caption(out, "en", synonyms=True), scene_dict(row)
+        got, truth = parse_caption(out, "en"), scene_dict(row)
         drops += sum(a not in got for a in ATTRIBUTES)
         wrong += sum(a in got and got[a] != truth[a] for a in ATTRIBUTES)
         reorders += any(e == "reorder" for e, _ in events)
@@ -303,6 +299,13 @@ def build_tokenizer(texts: Sequence[str], # captions to take the vocabulary from
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.normalizer, tok.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", model_max_length=32)
+
+def unk_rate(tokenizer: PreTrainedTokenizerFast, # word-level tokenizer
+             texts: Sequence[str], # captions or translations
+            ) -> float: # share of texts with at least one [UNK] token
+    "How often a text contains a word the tokenizer does not know."
+    unk = tokenizer.unk_token_id
+    return float(np.mean([unk in ids for ids in tokenizer(list(texts))["input_ids"]])) if len(texts) else 0.0
 
 class CaptionEncoder(BertPreTrainedModel):
     "Tiny BERT + projection: captions -> L2-normalised embeddings of size `config.projection_dim`."
@@ -382,39 +385,44 @@ class AttributeClassifier(nn.Module):
         f = self.features(x)
         return {a: h(f) for a, h in self.heads.items()}
 
-def frechet_distance(mu1: np.ndarray, # (D,) mean of the first Gaussian
-                     sigma1: np.ndarray, # (D, D) covariance of the first Gaussian
-                     mu2: np.ndarray, # (D,) mean of the second
-                     sigma2: np.ndarray, # (D, D) covariance of the second
-                    ) -> float:
-    "Fréchet (2-Wasserstein) distance between two Gaussians."
-    mu1, mu2, sigma1, sigma2 = map(np.asarray, (mu1, mu2, sigma1, sigma2))
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
-        raise ValueError(f"shape mismatch: mu {mu1.shape}/{mu2.shape}, sigma {sigma1.shape}/{sigma2.shape}")
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():  # singular product: regularise as the reference FID code does
-        eps = 1e-6 * np.eye(mu1.size)
-        covmean = scipy.linalg.sqrtm((sigma1 + eps) @ (sigma2 + eps))
-    covmean = np.real(covmean)
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+class EvalFeatures(nn.Module):
+    "The classifier's trunk as a Fréchet-distance feature extractor: (B, 3, 16, 16) in [0, 1] -> (B, D) unit vectors."
+    def __init__(self, classifier: AttributeClassifier):
+        super().__init__()
+        self.classifier = classifier
+        self.num_features = next(iter(classifier.heads.values())).in_features  # torchmetrics reads this (no dummy forward)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.classifier.features(x.float()), dim=-1)
 
-def fid_from_features(a: np.ndarray, b: np.ndarray) -> float:
-    "Fréchet distance between Gaussians fitted to two (n, D) feature sets."
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
-        raise ValueError(f"need two (n>=2, D) feature arrays with equal D, got {a.shape} and {b.shape}")
-    return frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+def frechet_metric(extractor: nn.Module, # maps (B, 3, 16, 16) floats in [0, 1] to (B, D) features; has `num_features`
+                  ) -> FrechetInceptionDistance:
+    "torchmetrics' Fréchet distance on `extractor`'s features; real statistics survive `reset()` (fake ones do not)."
+    return FrechetInceptionDistance(feature=extractor, normalize=True, reset_real_features=False)
 
 @torch.no_grad()
-def attribute_accuracy(classifier: AttributeClassifier, # trained evaluation network
-                       images: torch.Tensor, # (B, 3, 16, 16) in [0, 1]
-                       scenes: np.ndarray, # (B, 5) the scenes the images should show
-                      ) -> dict[str, float]: # per attribute accuracy, their mean, and all-five-correct
-    "How often the classifier reads the caption's attributes off the images."
+def frechet_distance(metric: FrechetInceptionDistance, # a `frechet_metric` holding the real statistics
+                     images: torch.Tensor, # (B, 3, 16, 16) generated (or other) images in [0, 1]
+                     batch: int = 500,
+                    ) -> float:
+    "The Fréchet distance of `images` to the metric's real images (the fake statistics are reset first)."
+    metric.reset()
+    for i in range(0, len(images), batch): metric.update(check_images(images[i:i + batch]), real=False)
+    return float(metric.compute())
+
+@torch.no_grad()
+def attribute_hits(classifier: AttributeClassifier, # trained evaluation network
+                   images: torch.Tensor, # (B, 3, 16, 16) in [0, 1]
+                   scenes: np.ndarray, # (B, 5) the scenes the images should show
+                  ) -> np.ndarray: # (B, 5) bool: attribute read correctly
+    "Which attributes the classifier reads correctly off each image."
     logits = classifier(check_images(images).to(next(classifier.parameters()).device))
-    truth = torch.from_numpy(np.asarray(scenes)).to(images.device)
-    ok = torch.stack([logits[a].argmax(-1).cpu() == truth[:, i].cpu() for i, a in enumerate(ATTRIBUTES)], 1)
-    out = {a: ok[:, i].float().mean().item() for i, a in enumerate(ATTRIBUTES)}
-    return {**out, "mean": ok.float().mean().item(), "all": ok.all(1).float().mean().item()}
+    truth = torch.from_numpy(np.asarray(scenes))
+    return torch.stack([logits[a].argmax(-1).cpu() == truth[:, i] for i, a in enumerate(ATTRIBUTES)], 1).numpy()
+
+def attribute_accuracy(classifier: AttributeClassifier, images: torch.Tensor, scenes: np.ndarray) -> dict[str, float]:
+    "Per-attribute accuracy, their mean, and `all` (all five correct), from `attribute_hits`."
+    ok = attribute_hits(classifier, images, scenes)
+    return {**{a: float(ok[:, i].mean()) for i, a in enumerate(ATTRIBUTES)}, "mean": float(ok.mean()), "all": float(ok.all(1).mean())}
 
 # %% ../nbs/04_mtti_ensad.ipynb #f5dec962
 def new_unet(channels: int = 32, # channels of both UNet levels
@@ -457,6 +465,12 @@ def denoising_loss(unet: UNet2DConditionModel, # the generator
     return F.mse_loss(pred, z0 if scheduler.config.prediction_type == "sample" else noise)
 
 @torch.no_grad()
+def fixed_denoising_loss(unet: UNet2DConditionModel, scheduler: DDPMScheduler, images: torch.Tensor, cond: torch.Tensor,
+                         seed: int = 0) -> float:
+    "`denoising_loss` with noise and timesteps fixed by `seed`: a deterministic validation loss (no gradients)."
+    return denoising_loss(unet, scheduler, images, cond, torch.Generator().manual_seed(seed)).item()
+
+@torch.no_grad()
 def sample_images(unet: UNet2DConditionModel, # the generator
                   scheduler: DDIMScheduler, # sampling schedule (DDIM)
                   cond: torch.Tensor, # (B, D) conditioning vectors
@@ -484,11 +498,12 @@ class EnsembleAdapter(ModelMixin, ConfigMixin):
                  n_candidates: int = 4, # N+1: the source caption and N translations
                  hidden: int = 64, # adapter bottleneck width
                  pooling: str = "attention", # 'attention' or 'mean'
+                 use_slot_bias: bool = True, # learn a bias per candidate slot (False: the weights depend on content only)
                 ):
         super().__init__()
         if pooling not in ("attention", "mean"): raise ValueError(f"pooling must be 'attention' or 'mean', got {pooling!r}")
         self.query, self.key = nn.Linear(dim, dim, bias=False), nn.Linear(dim, dim, bias=False)
-        self.slot_bias = nn.Parameter(torch.zeros(n_candidates))
+        self.slot_bias = nn.Parameter(torch.zeros(n_candidates)) if use_slot_bias else None
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         # W_k = 0 gives uniform weights at the start; W_q stays random, otherwise both gradients would be zero
         for p in (self.key.weight, self.mlp[2].weight, self.mlp[2].bias): nn.init.zeros_(p)
@@ -500,7 +515,8 @@ class EnsembleAdapter(ModelMixin, ConfigMixin):
             raise ValueError(f"candidates must be (B, {self.config.n_candidates}, {self.config.dim}), got {tuple(candidates.shape)}")
         if self.config.pooling == "mean": return candidates.new_full((B, K), 1 / K)
         q, k = self.query(candidates[:, 0]), self.key(candidates)
-        return ((k @ q[:, :, None]).squeeze(-1) / math.sqrt(D) + self.slot_bias).softmax(-1)
+        scores = (k @ q[:, :, None]).squeeze(-1) / math.sqrt(D)
+        return (scores if self.slot_bias is None else scores + self.slot_bias).softmax(-1)
 
     def forward(self, candidates: torch.Tensor) -> torch.Tensor:
         "(B, N+1, D) candidate embeddings (source first) -> (B, D) conditioning vector."
@@ -647,15 +663,55 @@ def train_adapter(adapter: EnsembleAdapter, # adapter to train (in place)
                   images: torch.Tensor, # (n, 3, 16, 16) images
                   candidates: torch.Tensor, # (n, N+1, D) source + translation embeddings of their captions
                   steps: int = 150, batch: int = 64, lr: float = 3e-3, seed: int = 0,
-                  show_progress: bool = False) -> list[float]:
+                  show_progress: bool = False,
+                  on_step=None, # called as on_step(step) before step 0 and after every step (e.g. a validation loss)
+                 ) -> list[float]:
     "Train only the adapter with the frozen generator's denoising loss; returns the loss curve."
     if len(images) != len(candidates): raise ValueError(f"{len(images)} images but {len(candidates)} candidate sets")
     freeze(unet)
     g = torch.Generator().manual_seed(seed); dev = unet.device
     adapter.to(dev).train(); adapter.requires_grad_(True)
     opt, losses = torch.optim.AdamW(adapter.parameters(), lr=lr, weight_decay=0.0), []
+    if on_step: on_step(0)
     for b in _batches(len(images), batch, steps, g, show_progress, f"adapter ({adapter.config.pooling}, N={adapter.config.n_candidates - 1})"):
         loss = denoising_loss(unet, scheduler, images[b].to(dev), adapter(candidates[b].to(dev)), g)
         opt.zero_grad(); loss.backward(); opt.step(); losses.append(loss.item())
+        if on_step: on_step(len(losses))
     freeze(adapter)
     return losses
+
+# %% ../nbs/04_mtti_ensad.ipynb #9e16deb2
+EVAL_DATA_SEED = 1_000_003  # the evaluation network's training images; experiments use small seeds
+
+def eval_dir() -> Path:
+    "`data/mtti_eval` of this checkout (where the committed evaluation network lives)."
+    import moebook
+    return Path(moebook.__file__).resolve().parent.parent / "data" / "mtti_eval"
+
+def train_eval_network(n: int = 8000, # real training images (rendered from EVAL_DATA_SEED)
+                       steps: int = 1500, batch: int = 128, seed: int = 0, device: str | torch.device = "cpu",
+                       show_progress: bool = False) -> tuple[AttributeClassifier, list[float]]:
+    "Train the evaluation network on images no experiment uses; returned frozen."
+    return train_classifier(make_dataset(n, EVAL_DATA_SEED), steps, batch, seed, device, show_progress)
+
+def save_eval_network(clf: AttributeClassifier, # trained evaluation network
+                      directory: str | Path, # where classifier.safetensors and manifest.json go
+                      info: dict, # provenance: the command, the commit, training settings, measured accuracy
+                     ) -> Path:
+    "Write the network as safetensors and a manifest with its sha256 and `info`."
+    from moebook.core import atomic_write_text
+    d = Path(directory); d.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous().cpu() for k, v in clf.state_dict().items()}, d / "classifier.safetensors")
+    sha = hashlib.sha256((d / "classifier.safetensors").read_bytes()).hexdigest()
+    return atomic_write_text(d / "manifest.json", json.dumps({**info, "file": "classifier.safetensors", "sha256": sha}, indent=1) + "\n")
+
+def load_eval_network(directory: str | Path | None = None, # folder written by `save_eval_network` (default: `eval_dir()`)
+                      device: str | torch.device = "cpu") -> tuple[AttributeClassifier, dict]:
+    "The committed evaluation network (frozen) and its manifest; raises if the file does not match its checksum."
+    d = Path(directory) if directory else eval_dir()
+    if not (d / "manifest.json").is_file(): raise FileNotFoundError(f"no evaluation network in {d} (manifest.json missing)")
+    man = json.loads((d / "manifest.json").read_text())
+    sha = hashlib.sha256((d / man["file"]).read_bytes()).hexdigest()
+    if sha != man["sha256"]: raise ValueError(f"{d / man['file']}: sha256 {sha[:12]}... does not match the manifest's {man['sha256'][:12]}...")
+    clf = AttributeClassifier(); clf.load_state_dict(load_file(d / man["file"])); freeze(clf)
+    return clf.to(device), man

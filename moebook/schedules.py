@@ -4,27 +4,14 @@
 
 # %% ../nbs/01b_schedules.ipynb #1b9d2f88
 from __future__ import annotations
-import math, numbers
+import math
 from dataclasses import dataclass, replace
 
+from .core import check_float, check_int
+
 # %% auto #0
-__all__ = ['COOLDOWN_SHAPES', 'check_steps', 'check_lr', 'Schedule', 'RelativeSchedule', 'WarmupCosine', 'Phases', 'rewarm',
-           'InfiniteSchedule', 'schedule_values']
-
-# %% ../nbs/01b_schedules.ipynb #87653404
-def check_steps(name: str, value, minimum: int = 0) -> int:
-    "Return `value` if it is an integer >= `minimum`, else raise a `TypeError`/`ValueError` naming `name`."
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < minimum: raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-def check_lr(name: str, value) -> float:
-    "Return `value` as a float if it is a finite number >= 0, else raise naming `name`."
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__} ({value!r})")
-    if not math.isfinite(value) or value < 0: raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-    return float(value)
+__all__ = ['COOLDOWN_SHAPES', 'Schedule', 'RelativeSchedule', 'WarmupCosine', 'Phases', 'rewarm', 'InfiniteSchedule',
+           'schedule_values']
 
 # %% ../nbs/01b_schedules.ipynb #e94724ec
 class Schedule:
@@ -34,7 +21,7 @@ class Schedule:
     def lr_at(self, step: int) -> float: raise NotImplementedError
 
     def __call__(self, step: int) -> float:
-        return self.lr_at(check_steps("step", step))
+        return self.lr_at(check_int("step", step))
 
     def relative_to(self, base_lr: float) -> "RelativeSchedule":
         "This schedule divided by `base_lr`: the `lr_lambda` of `torch.optim.lr_scheduler.LambdaLR`."
@@ -48,7 +35,7 @@ class RelativeSchedule:
     base_lr: float
 
     def __post_init__(self):
-        if check_lr("base_lr", self.base_lr) == 0: raise ValueError("base_lr must be > 0")
+        if check_float("base_lr", self.base_lr) == 0: raise ValueError("base_lr must be > 0")
 
     def __call__(self, step: int) -> float: return self.schedule(step) / self.base_lr
 
@@ -63,8 +50,8 @@ class WarmupCosine(Schedule):
     lr_start: float = 0.0 # learning rate at step 0 (start of the warmup)
 
     def __post_init__(self):
-        check_lr("lr_max", self.lr_max); check_lr("lr_min", self.lr_min); check_lr("lr_start", self.lr_start)
-        check_steps("total_steps", self.total_steps, 1); check_steps("warmup_steps", self.warmup_steps)
+        check_float("lr_max", self.lr_max); check_float("lr_min", self.lr_min); check_float("lr_start", self.lr_start)
+        check_int("total_steps", self.total_steps, 1); check_int("warmup_steps", self.warmup_steps)
         if self.warmup_steps >= self.total_steps:  # the decay needs at least one step
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be < total_steps ({self.total_steps})")
         if self.lr_min > self.lr_max: raise ValueError(f"lr_min ({self.lr_min}) must be <= lr_max ({self.lr_max})")
@@ -140,17 +127,17 @@ class InfiniteSchedule(Schedule):
     lr_start: float = 0.0 # learning rate at step 0
 
     def __post_init__(self):
-        check_steps("warmup_steps", self.warmup_steps); check_steps("cooldown_steps", self.cooldown_steps)
-        for name in ("lr_max", "lr_const", "lr_min", "lr_start"): check_lr(name, getattr(self, name))
+        check_int("warmup_steps", self.warmup_steps); check_int("cooldown_steps", self.cooldown_steps)
+        for name in ("lr_max", "lr_const", "lr_min", "lr_start"): check_float(name, getattr(self, name))
         if not self.lr_min <= self.lr_const <= self.lr_max:
             raise ValueError(f"need lr_min <= lr_const <= lr_max, got {self.lr_min}, {self.lr_const}, {self.lr_max}")
         if self.lr_start > self.lr_max: raise ValueError(f"lr_start ({self.lr_start}) must be <= lr_max ({self.lr_max})")
         if self.cooldown not in COOLDOWN_SHAPES:
             raise ValueError(f"cooldown must be one of {COOLDOWN_SHAPES}, got {self.cooldown!r}")
-        if check_lr("cooldown_alpha", self.cooldown_alpha) == 0: raise ValueError("cooldown_alpha must be > 0")
-        check_steps("anneal_steps", self.anneal_steps)
+        if check_float("cooldown_alpha", self.cooldown_alpha) == 0: raise ValueError("cooldown_alpha must be > 0")
+        check_int("anneal_steps", self.anneal_steps)
         if self.anneal_start is not None:
-            check_steps("anneal_start", self.anneal_start)
+            check_int("anneal_start", self.anneal_start)
             if self.anneal_start < self.warmup_steps + self.cooldown_steps:
                 raise ValueError(f"anneal_start ({self.anneal_start}) must be >= warmup_steps + cooldown_steps "
                                  f"({self.warmup_steps + self.cooldown_steps}): anneal from the constant phase")
@@ -182,4 +169,4 @@ class InfiniteSchedule(Schedule):
 # %% ../nbs/01b_schedules.ipynb #8fc3fe05
 def schedule_values(sched, steps: int) -> list[float]:
     "`[sched(0), ..., sched(steps - 1)]`, for plots and checks."
-    return [sched(t) for t in range(check_steps("steps", steps, 1))]
+    return [sched(t) for t in range(check_int("steps", steps, 1))]

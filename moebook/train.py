@@ -4,7 +4,7 @@
 
 # %% ../nbs/01a_train.ipynb #c8b52849
 from __future__ import annotations
-import argparse, contextlib, json, math, numbers, os, random, subprocess, sys, tempfile, time
+import argparse, contextlib, json, math, os, random, subprocess, sys, tempfile, time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import core
-from .core import pick_device, seed_everything
+from .core import check_float, check_int, pick_device, seed_everything
 from .schedules import WarmupCosine
 
 # %% auto #0
@@ -27,17 +27,6 @@ __all__ = ['CHECKPOINT_NAME', 'TrainConfig', 'batch_rng', 'shard_batch', 'model_
            'regression_batches', 'main']
 
 # %% ../nbs/01a_train.ipynb #bfc07d02
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"TrainConfig.{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < minimum: raise ValueError(f"TrainConfig.{name} must be >= {minimum}, got {value}")
-
-def _check_float(name, value, minimum, strict=False):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"TrainConfig.{name} must be a float, got {type(value).__name__} ({value!r})")
-    if not math.isfinite(value) or value < minimum or (strict and value == minimum):
-        raise ValueError(f"TrainConfig.{name} must be {'>' if strict else '>='} {minimum}, got {value}")
-
 @dataclass
 class TrainConfig:
     "Settings of `train` (AdamW, accumulation, intervals, checkpoints); checked when built."
@@ -58,14 +47,14 @@ class TrainConfig:
 
     def __post_init__(self):
         for name, minimum in dict(max_steps=1, grad_accum=1, log_every=1, eval_every=0, ckpt_every=0).items():
-            _check_int(name, getattr(self, name), minimum)
-        _check_int("seed", self.seed, 0)
-        _check_float("lr", self.lr, 0, strict=True); _check_float("eps", self.eps, 0, strict=True)
-        _check_float("weight_decay", self.weight_decay, 0); _check_float("grad_clip", self.grad_clip, 0)
+            check_int(f"TrainConfig.{name}", getattr(self, name), minimum)
+        check_int("TrainConfig.seed", self.seed, 0)
+        check_float("TrainConfig.lr", self.lr, strict=True); check_float("TrainConfig.eps", self.eps, strict=True)
+        check_float("TrainConfig.weight_decay", self.weight_decay); check_float("TrainConfig.grad_clip", self.grad_clip)
         if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:
             raise TypeError(f"TrainConfig.betas must be a pair of floats, got {self.betas!r}")
         for b in self.betas:
-            _check_float("betas", b, 0)
+            check_float("TrainConfig.betas", b)
             if b >= 1: raise ValueError(f"TrainConfig.betas must lie in [0, 1), got {self.betas!r}")
         self.betas = tuple(float(b) for b in self.betas)
         if not isinstance(self.progress, bool): raise TypeError(f"TrainConfig.progress must be a bool, got {self.progress!r}")
@@ -81,9 +70,7 @@ class TrainConfig:
 # %% ../nbs/01a_train.ipynb #51f8f226
 def batch_rng(seed: int, step: int, micro_step: int = 0) -> torch.Generator:
     "A CPU generator seeded by `(seed, step, micro_step)`: the randomness of a pure batch function."
-    for name, v in (("seed", seed), ("step", step), ("micro_step", micro_step)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
-            raise ValueError(f"batch_rng: {name} must be an int >= 0, got {v!r}")
+    for name, v in (("seed", seed), ("step", step), ("micro_step", micro_step)): check_int(f"batch_rng: {name}", v)
     state = np.random.SeedSequence([int(seed), int(step), int(micro_step)]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 

@@ -9,7 +9,7 @@
 # %%
 #| export
 from __future__ import annotations
-import contextlib, json, math, os, random, tempfile
+import contextlib, json, math, numbers, os, random, tempfile
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable
 
@@ -151,6 +151,47 @@ with tempfile.TemporaryDirectory() as d:
         record_metrics(acc=1.0)
         test_eq(json.loads(Path(f"{d}/m.json").read_text()), {"acc": 1.0, "bad": "nan", "curve": [0, 1, 2], "loss": 0.5})
     finally: del os.environ[METRICS_ENV]; _recorded.clear()
+
+
+# %% [markdown]
+# ## Checking arguments
+#
+# Configurations are checked when they are built, and each check names the setting that is wrong. These two
+# helpers are the one place the package does it. Booleans are refused where a number is expected (`True` is
+# an `int` in Python, and `warmup_steps=True` is always a mistake).
+
+# %%
+#| export
+def check_int(name: str, # the setting's name, as the user wrote it (e.g. 'TrainConfig.max_steps')
+              value, minimum: int = 0) -> int:
+    "`value` as an int if it is an integer >= `minimum`; else a `TypeError` / `ValueError` naming `name`."
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < minimum: raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+def check_float(name: str, value, minimum: float = 0.0,
+                strict: bool = False, # require value > minimum
+               ) -> float:
+    "`value` as a float if it is a finite real >= `minimum` (> with `strict`); else an error naming `name`."
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__} ({value!r})")
+    if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {minimum}, got {value}")
+    return float(value)
+
+
+# %%
+test_eq(check_int("warmup_steps", 3), 3)
+test_fail(lambda: check_int("warmup_steps", -1), contains="warmup_steps must be >= 0, got -1")
+test_fail(lambda: check_int("warmup_steps", True), contains="warmup_steps must be an int, got bool")
+test_fail(lambda: check_int("total_steps", 2.5), contains="total_steps must be an int")
+test_eq(check_int("n", np.int64(4), 1), 4)
+test_eq(check_float("lr_max", 1), 1.0)
+test_fail(lambda: check_float("lr_max", -1e-3), contains="lr_max must be a finite number >= 0")
+test_fail(lambda: check_float("lr", 0.0, strict=True), contains="lr must be a finite number > 0")
+test_fail(lambda: check_float("lr_max", float("nan")), contains="lr_max must be a finite number")
+test_fail(lambda: check_float("lr_max", "3e-4"), contains="lr_max must be a float, got str")
 
 
 # %% [markdown]

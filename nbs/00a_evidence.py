@@ -370,6 +370,7 @@ def paired_runs(fn: Callable[[str, int], dict], # fn(variant, seed) -> JSON-able
                 seeds: Sequence[int], # the paired seeds
                 config: dict | None = None, # every setting the results depend on (part of the cache key)
                 cache_dir: str | Path | None = None, # if set, each result is saved there and reused on resume
+                reuse: Sequence[str | Path] = (), # read-only folders of earlier results (e.g. sealed, committed ones), looked up first
                 workers: int = 1, # processes; >1 forks workers (CPU only: CUDA cannot be forked)
                 threads_per_worker: int | None = None, # torch threads in each worker (default: cores // workers)
                 progress: Callable | None = None, # called as progress(done, total, variant, seed) after each result
@@ -380,11 +381,13 @@ def paired_runs(fn: Callable[[str, int], dict], # fn(variant, seed) -> JSON-able
     if not (isinstance(workers, int) and workers >= 1): raise EvidenceError(f"workers must be an int >= 1, got {workers!r}")
     config = config or {}
     cache = Path(cache_dir) if cache_dir else None
+    if missing := [str(d) for d in reuse if not Path(d).is_dir()]: raise EvidenceError(f"reuse folders not found: {missing}")
     out, todo = {}, []
     for s in seeds:  # seed-major order: an interrupted run has complete pairs
         for v in variants:
-            p = cache / f"{_key(config, v, s)}.json" if cache else None
-            if p is not None and p.exists(): out[(v, s)] = json.loads(p.read_text())
+            name = f"{_key(config, v, s)}.json"
+            p = cache / name if cache else None
+            if found := [f for f in [*(Path(d) / name for d in reuse), p] if f is not None and f.exists()]: out[(v, s)] = json.loads(found[0].read_text())
             else: todo.append((v, s, p))
     def done(v, s, p, r):
         r = to_jsonable(r)
@@ -414,6 +417,11 @@ with tempfile.TemporaryDirectory() as d:
     r2 = paired_runs(lambda v, s: 1 / 0, ["A", "B"], [0, 1, 2], {"n": 100}, cache_dir=d)  # all cached: fn never runs
     test_eq(r1, r2)
     test_eq(paired_runs(_toy, ["A"], [0], {"n": 100}), {("A", 0): r1[("A", 0)]})
+    with tempfile.TemporaryDirectory() as d2:  # a read-only folder of earlier results: found there, nothing written to it
+        r3 = paired_runs(lambda v, s: {"score": -1.0}, ["A", "B", "C"], [0, 1, 2], {"n": 100}, cache_dir=d2, reuse=[d])
+        test_eq([r3[(v, 0)] for v in "AB"], [r1[(v, 0)] for v in "AB"]); test_eq(r3[("C", 0)], {"score": -1.0})
+        test_eq(len(list(Path(d).glob("*.json"))), 6); test_eq(len(list(Path(d2).glob("*.json"))), 3)
+    test_fail(lambda: paired_runs(_toy, ["A"], [0], reuse=[f"{d}/nope"]), contains="reuse folders not found")
 test_fail(lambda: paired_runs(_toy, ["A", "A"], [0]), contains="unique")
 
 
@@ -480,6 +488,32 @@ def provenance(root: str | Path | None = None) -> dict[str, Any]:
     status = git("status", "--porcelain", "--untracked-files=no")
     return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
 
+def seal_runs(folder: str | Path, # a `cache_dir` of `paired_runs`, complete
+              command: str, # the exact command that made the results
+              made_at: dict | None = None, # {'commit', 'dirty'} of the code that made them (default: this checkout's now)
+             ) -> dict: # the manifest
+    "Write `manifest.json` beside cached run results: each file's SHA-256, the command, and the commit that made them."
+    folder = Path(folder)
+    files = sorted(f for f in folder.glob("*.json") if f.name != "manifest.json")
+    if not files: raise EvidenceError(f"{folder}: no run results to seal")
+    made_at = made_at or provenance()
+    if set(made_at) != {"commit", "dirty"}: raise EvidenceError(f"made_at must have exactly the keys commit and dirty, got {sorted(made_at)}")
+    manifest = dict(command=command, **made_at, files={f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files})
+    atomic_write_text(folder / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+def sealed_runs(folder: str | Path) -> dict:
+    "The manifest of a folder written by `seal_runs`, once every result in it matches its SHA-256 and nothing was added."
+    folder = Path(folder)
+    if not (folder / "manifest.json").is_file(): raise EvidenceError(f"{folder}: no manifest.json (seal it with seal_runs)")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    on_disk = {f.name for f in folder.glob("*.json") if f.name != "manifest.json"}
+    if extra := sorted(on_disk - set(manifest["files"])): raise EvidenceError(f"{folder}: results not in the manifest: {extra}")
+    for name, sha in manifest["files"].items():
+        if not (folder / name).is_file(): raise EvidenceError(f"{folder / name}: listed in the manifest but missing")
+        if hashlib.sha256((folder / name).read_bytes()).hexdigest() != sha: raise EvidenceError(f"{folder / name}: SHA-256 differs from the manifest")
+    return manifest
+
 def _fmt(x: float) -> str:
     return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.3g}"
 
@@ -529,12 +563,6 @@ def show_claims(claims: Sequence[Claim], # the notebook's claims, with estimates
 #| export
 REQUIRED = [f.name for f in dataclasses.fields(Claim)]
 PENDING = {  # notebook -> (issue that ports its claim check, the paper's headline claims)
-    "03_moe_cpt.ipynb": (14, ["MoE routers do not worsen forgetting vs a dense model", "routing balance on the old distribution is kept",
-                              "replay + LR re-warm/re-decay suffices", "CPT matches full re-training at a fraction of the cost",
-                              "infinite schedules need no re-warm"]),
-    "04_mtti_ensad.ipynb": (16, ["translation-based methods vs zero-shot transfer", "EnsAd beats the best single translation in every language",
-                                 "more translations help; attention vs mean pooling"]),
-    "06_causal_world_models.ipynb": (13, ["the causal world model beats the LLM-only reasoner", "the gap grows with the horizon"]),
 }
 
 def check_record(r: Any, source: str) -> dict:
@@ -630,7 +658,8 @@ with tempfile.TemporaryDirectory() as d:
     (run / "metrics.json").write_text(json.dumps({"status": "ok", "metrics": {"claims": [{**demo[0], "verdict": "probably"}]}}))
     test_fail(lambda: read_claims(run), contains="not one of")
 test_fail(lambda: read_claims("nope.ipynb"), contains="no such file")
-display(Markdown(ledger_markdown(demo + _pending("06_causal_world_models.ipynb")[:1])))
+pending_demo = {"notebook": "07_example.ipynb", "id": "1", "claim": "a claim whose notebook is not ported yet", "status": "pending", "issue": 99}
+display(Markdown(ledger_markdown(demo + [pending_demo])))
 
 # %% [markdown]
 # ## A forest plot of the ledger

@@ -43,6 +43,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 from torch.utils.checkpoint import checkpoint
 
+from moebook.core import check_int
+
 # %%
 import tempfile
 from fastcore.test import test_eq, test_fail, test_close
@@ -101,10 +103,6 @@ def _router_dtype(dtype: torch.dtype) -> torch.dtype:
     "Router math runs in fp32, or fp64 when the model is fp64 (never in bf16/fp16)."
     return torch.promote_types(dtype, torch.float32)
 
-def _check_int(name, value, minimum=1):
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
 @dataclass
 class MoEConfig:
     "One MoE feed-forward layer: routed SwiGLU experts, optional shared experts, router and capacity."
@@ -126,8 +124,8 @@ class MoEConfig:
     drop_policy: str = "position"       # capacity drops: "position" (Megatron) or "choice" (GShard: choice rank first)
 
     def __post_init__(self):
-        for name in ("d_model", "d_ff_expert", "n_experts", "top_k", "sinkhorn_max_iters"): _check_int(name, getattr(self, name))
-        _check_int("n_shared_experts", self.n_shared_experts, 0)
+        for name in ("d_model", "d_ff_expert", "n_experts", "top_k", "sinkhorn_max_iters"): check_int(f"MoEConfig.{name}", getattr(self, name), 1)
+        check_int("MoEConfig.n_shared_experts", self.n_shared_experts, 0)
         if self.top_k > self.n_experts:
             raise ValueError(f"top_k={self.top_k} > n_experts={self.n_experts}: a token cannot pick more experts than exist")
         if self.router not in ROUTERS: raise ValueError(f"router must be one of {ROUTERS}, got {self.router!r}")
@@ -173,6 +171,8 @@ test_eq((ds.n_experts + ds.n_shared_experts) * ds.d_ff_expert, 8 * 256)  # same 
 test_fail(lambda: MoEConfig(n_experts=4, top_k=5), contains="top_k=5 > n_experts=4")
 test_fail(lambda: MoEConfig(router="hash"), contains="router must be one of")
 test_fail(lambda: MoEConfig(capacity_factor=0.0), contains="capacity_factor")
+test_fail(lambda: MoEConfig(n_experts=0), contains="MoEConfig.n_experts must be >= 1, got 0")
+test_fail(lambda: MoEConfig(d_model=64.0), contains="MoEConfig.d_model must be an int, got float")
 test_fail(lambda: MoEConfig(score_function="tanh"), contains="score_function must be one of")
 test_fail(lambda: MoEConfig(router="sinkhorn", enable_expert_bias=True), contains="softmax router only")
 test_fail(lambda: MoEConfig(drop_policy="random"), contains="drop_policy must be one of")
@@ -1034,7 +1034,7 @@ class MoeLMConfig(PretrainedConfig):
         kwargs.setdefault("tie_word_embeddings", False)
         self.use_cache = kwargs.pop("use_cache", True)  # the KV cache (used by generate; not built in training mode)
         super().__init__(**kwargs)
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff"): _check_int(name, getattr(self, name))
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff"): check_int(f"MoeLMConfig.{name}", getattr(self, name), 1)
         if d_model % n_heads: raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
         if (d_model // n_heads) % 2: raise ValueError(f"head width d_model/n_heads={d_model // n_heads} must be even for RoPE")
         if bad := [i for i in self.moe_layers if not 0 <= i < n_layers]: raise ValueError(f"moe_layers {bad} out of range(0, {n_layers})")

@@ -32,7 +32,7 @@
 # %%
 #| export
 from __future__ import annotations
-import argparse, contextlib, json, math, numbers, os, random, subprocess, sys, tempfile, time
+import argparse, contextlib, json, math, os, random, subprocess, sys, tempfile, time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -45,7 +45,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from moebook import core
-from moebook.core import pick_device, seed_everything
+from moebook.core import check_float, check_int, pick_device, seed_everything
 from moebook.schedules import WarmupCosine
 
 # %%
@@ -74,17 +74,6 @@ ddp_check: bool = True  # also compare a 2-process torchrun (gloo, CPU) with a s
 
 # %%
 #| export
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"TrainConfig.{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < minimum: raise ValueError(f"TrainConfig.{name} must be >= {minimum}, got {value}")
-
-def _check_float(name, value, minimum, strict=False):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"TrainConfig.{name} must be a float, got {type(value).__name__} ({value!r})")
-    if not math.isfinite(value) or value < minimum or (strict and value == minimum):
-        raise ValueError(f"TrainConfig.{name} must be {'>' if strict else '>='} {minimum}, got {value}")
-
 @dataclass
 class TrainConfig:
     "Settings of `train` (AdamW, accumulation, intervals, checkpoints); checked when built."
@@ -105,14 +94,14 @@ class TrainConfig:
 
     def __post_init__(self):
         for name, minimum in dict(max_steps=1, grad_accum=1, log_every=1, eval_every=0, ckpt_every=0).items():
-            _check_int(name, getattr(self, name), minimum)
-        _check_int("seed", self.seed, 0)
-        _check_float("lr", self.lr, 0, strict=True); _check_float("eps", self.eps, 0, strict=True)
-        _check_float("weight_decay", self.weight_decay, 0); _check_float("grad_clip", self.grad_clip, 0)
+            check_int(f"TrainConfig.{name}", getattr(self, name), minimum)
+        check_int("TrainConfig.seed", self.seed, 0)
+        check_float("TrainConfig.lr", self.lr, strict=True); check_float("TrainConfig.eps", self.eps, strict=True)
+        check_float("TrainConfig.weight_decay", self.weight_decay); check_float("TrainConfig.grad_clip", self.grad_clip)
         if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:
             raise TypeError(f"TrainConfig.betas must be a pair of floats, got {self.betas!r}")
         for b in self.betas:
-            _check_float("betas", b, 0)
+            check_float("TrainConfig.betas", b)
             if b >= 1: raise ValueError(f"TrainConfig.betas must lie in [0, 1), got {self.betas!r}")
         self.betas = tuple(float(b) for b in self.betas)
         if not isinstance(self.progress, bool): raise TypeError(f"TrainConfig.progress must be a bool, got {self.progress!r}")
@@ -132,11 +121,11 @@ test_eq(cfg.betas, (0.9, 0.99))
 test_fail(lambda: TrainConfig(max_steps=0), contains="TrainConfig.max_steps must be >= 1, got 0")
 test_fail(lambda: TrainConfig(grad_accum=2.0), contains="TrainConfig.grad_accum must be an int, got float")
 test_fail(lambda: TrainConfig(max_steps=True), contains="must be an int, got bool")
-test_fail(lambda: TrainConfig(lr=0.0), contains="TrainConfig.lr must be > 0")
+test_fail(lambda: TrainConfig(lr=0.0), contains="TrainConfig.lr must be a finite number > 0")
 test_fail(lambda: TrainConfig(lr="1e-3"), contains="TrainConfig.lr must be a float, got str")
 test_fail(lambda: TrainConfig(betas=(0.9, 1.0)), contains="betas must lie in [0, 1)")
 test_fail(lambda: TrainConfig(betas=0.9), contains="betas must be a pair")
-test_fail(lambda: TrainConfig(grad_clip=-1.0), contains="grad_clip must be >= 0")
+test_fail(lambda: TrainConfig(grad_clip=-1.0), contains="grad_clip must be a finite number >= 0")
 test_fail(lambda: TrainConfig(ckpt_every=5), contains="ckpt_every > 0 needs a ckpt_dir")
 test_fail(lambda: TrainConfig(device="gpu0"), contains="TrainConfig.device 'gpu0' is not a device")
 test_fail(lambda: TrainConfig(progress=1), contains="progress must be a bool")
@@ -153,9 +142,7 @@ test_fail(lambda: TrainConfig(progress=1), contains="progress must be a bool")
 #| export
 def batch_rng(seed: int, step: int, micro_step: int = 0) -> torch.Generator:
     "A CPU generator seeded by `(seed, step, micro_step)`: the randomness of a pure batch function."
-    for name, v in (("seed", seed), ("step", step), ("micro_step", micro_step)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
-            raise ValueError(f"batch_rng: {name} must be an int >= 0, got {v!r}")
+    for name, v in (("seed", seed), ("step", step), ("micro_step", micro_step)): check_int(f"batch_rng: {name}", v)
     state = np.random.SeedSequence([int(seed), int(step), int(micro_step)]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
@@ -186,7 +173,7 @@ def model_loss(model: nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor
 # %%
 test_eq(torch.randn(3, generator=batch_rng(0, 5, 1)), torch.randn(3, generator=batch_rng(0, 5, 1)))
 assert not torch.equal(torch.randn(3, generator=batch_rng(0, 5, 1)), torch.randn(3, generator=batch_rng(0, 1, 5)))
-test_fail(lambda: batch_rng(0, -1), contains="step must be an int >= 0")
+test_fail(lambda: batch_rng(0, -1), contains="step must be >= 0")
 b = {"x": torch.arange(8).view(4, 2), "name": "toy"}
 test_eq(shard_batch(b, 1, 2)["x"], torch.tensor([[4, 5], [6, 7]])); test_eq(shard_batch(b, 1, 2)["name"], "toy")
 test_fail(lambda: shard_batch(b, 0, 3), contains="first dim must divide by world size 3")

@@ -24,8 +24,10 @@
 # %%
 #| export
 from __future__ import annotations
-import math, numbers
+import math
 from dataclasses import dataclass, replace
+
+from moebook.core import check_float, check_int
 
 # %%
 import pickle
@@ -41,37 +43,8 @@ plot_steps: int = 1000  # length of the example schedules that are plotted
 # %% [markdown]
 # ## Checking arguments
 #
-# Schedules are built from configuration values, so every constructor checks its arguments and names
-# the one that is wrong. Booleans are refused where an integer is expected (`True` is an `int` in
-# Python, and `warmup_steps=True` is always a mistake).
-
-# %%
-#| export
-def check_steps(name: str, value, minimum: int = 0) -> int:
-    "Return `value` if it is an integer >= `minimum`, else raise a `TypeError`/`ValueError` naming `name`."
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < minimum: raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-def check_lr(name: str, value) -> float:
-    "Return `value` as a float if it is a finite number >= 0, else raise naming `name`."
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__} ({value!r})")
-    if not math.isfinite(value) or value < 0: raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-    return float(value)
-
-
-# %%
-test_eq(check_steps("warmup_steps", 3), 3)
-test_fail(lambda: check_steps("warmup_steps", -1), contains="warmup_steps must be >= 0, got -1")
-test_fail(lambda: check_steps("warmup_steps", True), contains="warmup_steps must be an int, got bool")
-test_fail(lambda: check_steps("total_steps", 2.5), contains="total_steps must be an int")
-test_eq(check_lr("lr_max", 1), 1.0)
-test_fail(lambda: check_lr("lr_max", -1e-3), contains="lr_max must be a finite number >= 0")
-test_fail(lambda: check_lr("lr_max", float("nan")), contains="lr_max must be a finite number")
-test_fail(lambda: check_lr("lr_max", "3e-4"), contains="lr_max must be a float, got str")
-
+# Schedules are built from configuration values, so every constructor checks its arguments with
+# `moebook.core`'s `check_int` / `check_float` and names the one that is wrong.
 
 # %% [markdown]
 # ## The protocol
@@ -91,7 +64,7 @@ class Schedule:
     def lr_at(self, step: int) -> float: raise NotImplementedError
 
     def __call__(self, step: int) -> float:
-        return self.lr_at(check_steps("step", step))
+        return self.lr_at(check_int("step", step))
 
     def relative_to(self, base_lr: float) -> "RelativeSchedule":
         "This schedule divided by `base_lr`: the `lr_lambda` of `torch.optim.lr_scheduler.LambdaLR`."
@@ -105,7 +78,7 @@ class RelativeSchedule:
     base_lr: float
 
     def __post_init__(self):
-        if check_lr("base_lr", self.base_lr) == 0: raise ValueError("base_lr must be > 0")
+        if check_float("base_lr", self.base_lr) == 0: raise ValueError("base_lr must be > 0")
 
     def __call__(self, step: int) -> float: return self.schedule(step) / self.base_lr
 
@@ -134,8 +107,8 @@ class WarmupCosine(Schedule):
     lr_start: float = 0.0 # learning rate at step 0 (start of the warmup)
 
     def __post_init__(self):
-        check_lr("lr_max", self.lr_max); check_lr("lr_min", self.lr_min); check_lr("lr_start", self.lr_start)
-        check_steps("total_steps", self.total_steps, 1); check_steps("warmup_steps", self.warmup_steps)
+        check_float("lr_max", self.lr_max); check_float("lr_min", self.lr_min); check_float("lr_start", self.lr_start)
+        check_int("total_steps", self.total_steps, 1); check_int("warmup_steps", self.warmup_steps)
         if self.warmup_steps >= self.total_steps:  # the decay needs at least one step
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be < total_steps ({self.total_steps})")
         if self.lr_min > self.lr_max: raise ValueError(f"lr_min ({self.lr_min}) must be <= lr_max ({self.lr_max})")
@@ -289,17 +262,17 @@ class InfiniteSchedule(Schedule):
     lr_start: float = 0.0 # learning rate at step 0
 
     def __post_init__(self):
-        check_steps("warmup_steps", self.warmup_steps); check_steps("cooldown_steps", self.cooldown_steps)
-        for name in ("lr_max", "lr_const", "lr_min", "lr_start"): check_lr(name, getattr(self, name))
+        check_int("warmup_steps", self.warmup_steps); check_int("cooldown_steps", self.cooldown_steps)
+        for name in ("lr_max", "lr_const", "lr_min", "lr_start"): check_float(name, getattr(self, name))
         if not self.lr_min <= self.lr_const <= self.lr_max:
             raise ValueError(f"need lr_min <= lr_const <= lr_max, got {self.lr_min}, {self.lr_const}, {self.lr_max}")
         if self.lr_start > self.lr_max: raise ValueError(f"lr_start ({self.lr_start}) must be <= lr_max ({self.lr_max})")
         if self.cooldown not in COOLDOWN_SHAPES:
             raise ValueError(f"cooldown must be one of {COOLDOWN_SHAPES}, got {self.cooldown!r}")
-        if check_lr("cooldown_alpha", self.cooldown_alpha) == 0: raise ValueError("cooldown_alpha must be > 0")
-        check_steps("anneal_steps", self.anneal_steps)
+        if check_float("cooldown_alpha", self.cooldown_alpha) == 0: raise ValueError("cooldown_alpha must be > 0")
+        check_int("anneal_steps", self.anneal_steps)
         if self.anneal_start is not None:
-            check_steps("anneal_start", self.anneal_start)
+            check_int("anneal_start", self.anneal_start)
             if self.anneal_start < self.warmup_steps + self.cooldown_steps:
                 raise ValueError(f"anneal_start ({self.anneal_start}) must be >= warmup_steps + cooldown_steps "
                                  f"({self.warmup_steps + self.cooldown_steps}): anneal from the constant phase")
@@ -376,7 +349,7 @@ test_fail(lambda: s.relative_to(0.0), contains="base_lr must be > 0")
 #| export
 def schedule_values(sched, steps: int) -> list[float]:
     "`[sched(0), ..., sched(steps - 1)]`, for plots and checks."
-    return [sched(t) for t in range(check_steps("steps", steps, 1))]
+    return [sched(t) for t in range(check_int("steps", steps, 1))]
 
 
 # %%

@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 import moebook
-from moebook.core import seed_everything
+from moebook.core import check_float, check_int, seed_everything
 from moebook.corpus import Corpus, CorpusRecipe, load_corpus, stable_hash
 from moebook.moe import GlobalBalancer, MoELayer, MoeLM, MoeLMConfig, RouterOutput, capture_routing, expert_counts, update_expert_bias
 from moebook.evidence import paired_runs
@@ -134,14 +134,13 @@ class ExperimentConfig:
     def __post_init__(self):
         if not isinstance(self.device, str) or not self.device:
             raise TypeError(f"ExperimentConfig.device must be a device name such as 'cpu' or 'cuda', got {self.device!r}")
+        zero_ok = ("seed", "weight_decay", "aux_loss_coef", "z_loss_coef", "n_shared_experts", "bias_update_rate")
         for f in dataclasses.fields(self):
             if f.name == "device": continue
-            v = getattr(self, f.name)
-            want = float if f.type == "float" else int
-            if isinstance(v, bool) or not isinstance(v, (int, float) if want is float else int):
-                raise TypeError(f"ExperimentConfig.{f.name} must be {want.__name__}, got {type(v).__name__} ({v!r})")
-            if v < 0 or (v == 0 and f.name not in ("seed", "weight_decay", "aux_loss_coef", "z_loss_coef", "n_shared_experts", "bias_update_rate")):
-                raise ValueError(f"ExperimentConfig.{f.name} must be {'>= 0' if f.name == 'seed' else '> 0'}, got {v!r}")
+            check = check_float if f.type == "float" else check_int
+            if f.name in zero_ok: check(f"ExperimentConfig.{f.name}", getattr(self, f.name))
+            elif check is check_int: check_int(f"ExperimentConfig.{f.name}", getattr(self, f.name), 1)
+            else: check_float(f"ExperimentConfig.{f.name}", getattr(self, f.name), strict=True)
         if self.top_k > self.n_experts: raise ValueError(f"top_k={self.top_k} > n_experts={self.n_experts}")
 
     def recipe(self) -> CorpusRecipe:
@@ -169,8 +168,8 @@ def run_key(variant: str, # the balance variant
 # %%
 test_eq(ExperimentConfig().recipe(), CorpusRecipe())  # the default experiment uses the committed default corpus
 test_eq(ExperimentConfig().model_config(300, "global").lb_scope, "global")
-test_fail(lambda: ExperimentConfig(steps=2.5), contains="ExperimentConfig.steps must be int")
-test_fail(lambda: ExperimentConfig(n_micro=0), contains="ExperimentConfig.n_micro must be > 0")
+test_fail(lambda: ExperimentConfig(steps=2.5), contains="ExperimentConfig.steps must be an int")
+test_fail(lambda: ExperimentConfig(n_micro=0), contains="ExperimentConfig.n_micro must be >= 1")
 test_fail(lambda: ExperimentConfig(top_k=5, n_experts=4), contains="top_k=5 > n_experts=4")
 test_eq(ExperimentConfig(lr=1).lr, 1)  # an int is a fine float
 test_eq(ExperimentConfig().model_config(300, "micro", loss_free=True).aux_loss_coef, 0.0)
@@ -282,8 +281,7 @@ class SampledBalancer(GlobalBalancer):
                 ):
         super().__init__()
         if self.world_size != 1: raise RuntimeError("SampledBalancer is single-process: the sample needs the routing of the whole global batch")
-        if isinstance(n_sample, bool) or not isinstance(n_sample, int) or n_sample < 1:
-            raise ValueError(f"n_sample must be a positive int, got {n_sample!r}")
+        check_int("SampledBalancer.n_sample", n_sample, 1)
         self.n_sample, self.seed = n_sample, seed
         self.sample_counts: dict[int, torch.Tensor] = {}  # layer -> (M, E) expert counts of each micro-step's sample
 
@@ -353,7 +351,7 @@ other = SampledBalancer(n_sample=10, seed=0); other.prepare(tiny, gids, step=1);
 for m in range(3): part.fractions(torch.ones(4, dtype=torch.long), 0, 2)
 test_fail(lambda: part.fractions(torch.ones(4, dtype=torch.long), 0, 2), contains="call prepare")
 part.reset(); test_eq(part.sample_counts, {})
-test_fail(lambda: SampledBalancer(n_sample=0), contains="n_sample must be a positive int")
+test_fail(lambda: SampledBalancer(n_sample=0), contains="n_sample must be >= 1")
 test_fail(lambda: SampledBalancer(n_sample=31).prepare(tiny, gids, 0), contains="n_sample=31 > 30 tokens")
 
 

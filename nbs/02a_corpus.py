@@ -36,7 +36,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from moebook.core import atomic_write_text
+from moebook.core import atomic_write_text, check_float, check_int
 
 # %%
 from fastcore.test import test_eq, test_ne, test_fail, test_close
@@ -79,10 +79,8 @@ class CorpusRecipe:
     arithmetic_seed: int = 0  # seed of the arithmetic generator
 
     def __post_init__(self):
-        for name in ("max_bytes_per_domain", "max_doc_bytes", "vocab_size", "tokenizer_sample_bytes"):
-            if type(v := getattr(self, name)) is not int or v <= 0:
-                raise ValueError(f"CorpusRecipe.{name} must be a positive int, got {v!r}")
-        if type(self.arithmetic_seed) is not int: raise ValueError(f"CorpusRecipe.arithmetic_seed must be an int, got {self.arithmetic_seed!r}")
+        for name in ("max_bytes_per_domain", "max_doc_bytes", "vocab_size", "tokenizer_sample_bytes"): check_int(f"CorpusRecipe.{name}", getattr(self, name), 1)
+        check_int("CorpusRecipe.arithmetic_seed", self.arithmetic_seed)
         if not (isinstance(self.val_fraction, float) and 0 < self.val_fraction < 0.5):
             raise ValueError(f"CorpusRecipe.val_fraction must be a float in (0, 0.5), got {self.val_fraction!r}")
         if not 258 <= self.vocab_size <= 65_535:
@@ -101,7 +99,7 @@ class CorpusRecipe:
 # %%
 test_eq(CorpusRecipe().key(), CorpusRecipe().key())
 test_ne(CorpusRecipe().key(), CorpusRecipe(vocab_size=2048).key())
-test_fail(lambda: CorpusRecipe(max_bytes_per_domain=0), contains="max_bytes_per_domain must be a positive int")
+test_fail(lambda: CorpusRecipe(max_bytes_per_domain=0), contains="max_bytes_per_domain must be >= 1")
 test_fail(lambda: CorpusRecipe(val_fraction=0.7), contains="val_fraction")
 test_fail(lambda: CorpusRecipe(vocab_size=100), contains="vocab_size")
 
@@ -496,10 +494,7 @@ class Corpus:
         if split not in SPLITS: raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
 
     def _check_sizes(self, **sizes):
-        for name, v in sizes.items():
-            positive = name in ("batch_size", "seq_len", "n_micro")
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < int(positive):
-                raise ValueError(f"{name} must be a {'positive' if positive else 'non-negative'} int, got {v!r}")
+        for name, v in sizes.items(): check_int(name, v, int(name in ("batch_size", "seq_len", "n_micro")))
 
     def tokens(self, domain: str, split: str = "train") -> np.ndarray:
         "The whole token stream of `domain`/`split`: (N,) uint16, memory-mapped, documents separated by EOS."
@@ -572,8 +567,7 @@ class Corpus:
         if not isinstance(weights, dict) or not weights: raise ValueError(f"weights must be a non-empty dict domain -> weight, got {weights!r}")
         for d, w in weights.items():
             self._check_domain(d)
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
-                raise ValueError(f"weight of domain {d!r} must be a finite number >= 0, got {w!r}")
+            check_float(f"weight of domain {d!r}", w)
         if abs(sum(weights.values()) - 1) > 1e-6: raise ValueError(f"weights must sum to 1, got {sum(weights.values())} for {weights}")
         return {d: float(w) for d, w in weights.items()}
 
@@ -670,8 +664,8 @@ assert all(any(torch.equal(row, stream[s:s + 16]) for s in range(len(stream) - 1
 test_fail(lambda: c.domain_batch("german", "train", 0, 0, 2, 16), contains="unknown domain 'german'")
 test_fail(lambda: c.domain_batch("code", "test", 0, 0, 2, 16), contains="unknown split 'test'")
 test_fail(lambda: c.domain_batch("code", "validation", 0, 0, 2, 10**7), contains="seq_len=10000000 is larger than")
-test_fail(lambda: c.domain_batch("code", "train", 0, 0, 0, 16), contains="batch_size must be a positive int")
-test_fail(lambda: c.domain_batch("code", "train", 1.0, 0, 2, 16), contains="step must be a non-negative int")
+test_fail(lambda: c.domain_batch("code", "train", 0, 0, 0, 16), contains="batch_size must be >= 1")
+test_fail(lambda: c.domain_batch("code", "train", 1.0, 0, 2, 16), contains="step must be an int, got float")
 test_eq(c.domain_batch("code", "train", np.int64(3), 1, 2, 16), x)  # NumPy integers index the same batch
 
 # %% [markdown]

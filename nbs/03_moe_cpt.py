@@ -50,12 +50,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from moebook.core import atomic_write_text, seed_everything
+from moebook.core import atomic_write_text, check_int, seed_everything
 from moebook.corpus import DOMAINS, EOS, Corpus, CorpusRecipe, DomainText, collect_domain, default_cache_dir, train_tokenizer
 from moebook.evidence import paired_runs, provenance
 from moebook.global_lbl import max_violation
 from moebook.moe import MoeLM, MoeLMConfig, capture_routing, count_parameters, dense_matched, expert_counts
-from moebook.schedules import InfiniteSchedule, Phases, Schedule, WarmupCosine, check_steps, rewarm
+from moebook.schedules import InfiniteSchedule, Phases, Schedule, WarmupCosine, rewarm
 from moebook.train import TrainConfig, train
 
 # %%
@@ -212,8 +212,7 @@ class CPTCorpusSpec:
         for d in (self.d1, self.d2):
             if d not in DOMAINS: raise ValueError(f"CPTCorpusSpec: unknown domain {d!r}; the domains are {DOMAINS}")
         if self.d1 == self.d2: raise ValueError(f"CPTCorpusSpec: d1 and d2 must differ (a shift), both are {self.d1!r}")
-        if type(self.dup_min_chars) is not int or self.dup_min_chars < 1:
-            raise ValueError(f"CPTCorpusSpec.dup_min_chars must be an int >= 1, got {self.dup_min_chars!r}")
+        check_int("CPTCorpusSpec.dup_min_chars", self.dup_min_chars, 1)
         self.recipe()  # the corpus recipe checks the remaining fields
 
     def recipe(self) -> CorpusRecipe:
@@ -363,9 +362,7 @@ test_eq(tiny_corpus.tokenizer.decode(tiny_corpus.tokenizer.encode("x = 1 + 2")),
 #| export
 CODE_VERSION = "cpt/2"  # part of every checkpoint key: bump when training code changes results
 
-def _positive_int(name, v, minimum=1):
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise ValueError(f"CPTConfig.{name} must be an int >= {minimum}, got {v!r}")
+def _positive_int(name, v, minimum=1): check_int(f"CPTConfig.{name}", v, minimum)
 
 def _fraction(name, v):
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
@@ -480,7 +477,7 @@ test_ne(c.key("dense"), CPTConfig(seed=1).key("dense")); test_ne(c.key("dense"),
 test_ne(c.key("dense"), CPTConfig(corpus=CPTCorpusSpec(tokenizer_sample_bytes=200_000)).key("dense"))  # the corpus recipe counts
 test_fail(lambda: CPTConfig(corpus=CPTCorpusSpec(d2="english")), contains="d1 and d2 must differ")
 test_fail(lambda: CPTConfig(pretrain_steps=100, warmup_steps=10, cooldown_steps=95), contains="must reach its constant phase before the shift")
-test_fail(lambda: CPTConfig(batch_size=0), contains="batch_size must be an int >= 1")
+test_fail(lambda: CPTConfig(batch_size=0), contains="CPTConfig.batch_size must be >= 1")
 test_fail(lambda: CPTConfig(lr_const=1.0), contains="lr_min <= lr_const <= lr_max")
 
 
@@ -497,7 +494,7 @@ class Shifted(Schedule):
     base: Schedule
     offset: int
 
-    def __post_init__(self): check_steps("offset", self.offset)
+    def __post_init__(self): check_int("offset", self.offset)
 
     @property
     def total_steps(self) -> int | None:
@@ -1327,7 +1324,7 @@ for r in records: print(f"{r['id']:>4} {r['verdict']:<18} {r['reason']}")
 forest_plot(records); plt.tight_layout(); plt.show()
 
 # %% [markdown]
-# ## Discussion
+# ### Discussion
 #
 # **What this experiment can show.** Every comparison is paired (the same seed gives every model the same
 # data order and every arm the same pre-trained weights) and judged against a margin fixed above, so a claim

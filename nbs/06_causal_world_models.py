@@ -2,7 +2,8 @@
 # # Causal world models for language agents
 #
 # > A GridWorld with causally linked objects, a BISCUIT-style causal world model, a causal mapper between
-# > latents and text, and a small language model that plans through it (Gkountouras et al., ICLR 2025).
+# > latents and text, and a small language model, compared as simulators for planning and causal inference
+# > against a perfect simulator and trivial baselines (Gkountouras et al., ICLR 2025).
 
 # %% [markdown]
 # **Paper.** "Language Agents Meet Causality — Bridging LLMs and Causal World Models" (Gkountouras,
@@ -17,8 +18,18 @@
 #
 # **Idea, at notebook scale.** Everything is built here: an 8×8 GridWorld (3 cars, 3 traffic lights,
 # 1 boulder) with a known causal graph, 32×32 renders and a probabilistic action grammar; an autoencoder,
-# a normalizing flow and an action-gated transition prior (the BISCUIT recipe); a two-stage causal mapper;
-# a tiny GPT-2 trained on text trajectories; and MCTS with UCT that plans with either world model.
+# a normalizing flow and an action-gated transition prior (the BISCUIT recipe); a causal mapper; a tiny
+# GPT-2 trained on text trajectories; and a batched MCTS that plans with either world model.
+#
+# **Evidence standard** (`moebook.evidence`). The comparison only means something when its parts work, so
+# each component is measured first and recorded as a precondition of the claims: the CWM must perceive
+# every variable (held-out accuracy ≥ 0.95), its transition must beat "nothing changes" on the variables an
+# action affects, the LM must use the state it is given (held-out loss below a twin trained on shuffled
+# states), and the search budget must let the *true environment* used as simulator solve ≥ 90 % of the h = 2
+# goals. Every table carries the trivial baselines: the perfect simulator (ceiling), an all-no-op plan, a
+# random plan, "nothing changes" (copy) and perceive-then-copy. Three seeds, each with its own trained
+# components (committed checkpoints, `data/causal_checkpoints/`), are evaluated on the same test problems,
+# which no tuning touched.
 
 # %%
 #| default_exp causal
@@ -26,8 +37,9 @@
 # %%
 #| export
 from __future__ import annotations
-import itertools, math, os, re
+import functools, hashlib, itertools, json, math, os, re, time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -35,34 +47,42 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moebook.core import pick_device, record_metrics, seed_everything
+from moebook.core import pick_device
 from moebook.core import progress as progress_bar  # the notebook's `progress` parameter is a bool
 
 # %%
 from fastcore.test import test_eq, test_fail, test_close
+from moebook.evidence import RunClock
+
+# %%
+_clock = RunClock()  # wall time, CPU time and load of the whole notebook, for the claim records
 
 # %% tags=["parameters"]
-seed: int = 0  # seed for data, models and evaluation
+seed: int = 0  # first seed: the run uses seeds seed .. seed + n_seeds - 1, each with its own trained components
+n_seeds: int = 3  # paired seeds (every seed is evaluated on the same test problems)
 progress: bool = True  # show progress bars
 device: str = "auto"  # 'auto' (CUDA if available), 'cpu' or 'cuda'
-n_episodes: int = 80  # random-policy episodes of interaction data
-episode_len: int = 40  # steps per episode
-latent_dim: int = 16  # autoencoder / causal latents (8 true causal variables)
-ae_steps: int = 600  # autoencoder training steps
-flow_steps: int = 600  # normalizing-flow + transition-prior training steps per CRL model
-mapper_steps: int = 300  # training steps of each stage-2 mapper MLP
-lm_steps: int = 800  # language-model training steps
-lm_width: int = 96  # GPT-2 hidden size
-n_infer: int = 50  # causal-inference problems (each evaluated at horizons 1, 2, 4 and 8)
-n_plan: int = 20  # planning problems per horizon (2, 4, 8)
-mcts_iters_per_step: int = 3  # MCTS expansions per plan step (iterations: this times the horizon)
-data_fraction: float = 0.1  # the small fraction of the training data for the identification curve (vs 100%)
+retrain: bool = False  # train the components now instead of loading the committed checkpoints
+max_horizon: int = 4  # planning at horizons 2, 4, ... up to this (8 adds the ceiling row); inference also at 1
+full_protocol: bool = False  # also plan under the full protocol (all 14 actions, every variable exact)
+n_plan: int = 100  # test planning goals per horizon (and protocol)
+n_infer: int = 200  # test causal-inference problems (each evaluated at every horizon)
+budget_mult: int = 2  # MCTS expansions per goal: budget_mult x branching factor x horizon
+k_samples: int = 5  # CWM rollouts sample the prior with k particles; variables by majority vote
+n_episodes: int = 4000  # training: random-policy episodes of interaction data (retrain only)
+episode_len: int = 5  # training: steps per episode (retrain only)
+latent_dim: int = 16  # training: autoencoder / causal latents (retrain only)
+ae_steps: int = 2500  # training: autoencoder steps (retrain only)
+flow_steps: int = 2500  # training: flow + transition-prior steps (retrain only)
+mapper_steps: int = 2500  # training: causal-mapper steps (retrain only)
+lm_steps: int = 2000  # training: language-model steps, also of its shuffled-state twin (retrain only)
+lm_width: int = 96  # training: GPT-2 hidden size (retrain only)
+setting: str = "default"  # claim records' setting: "default" (these values), "evidence" (a bigger run) or "smoke"
 
 # %% [markdown]
-# **Scale-up** (more data, longer training, more evaluation problems, e.g. on a GPU; not timed here):
-# `moebook run nbs/06_causal_world_models.ipynb -p n_episodes 400 -p ae_steps 3000 -p flow_steps 3000 -p lm_steps 4000 -p n_infer 200 -p n_plan 100 -p device cuda`
-
-# %% [markdown]
+# **Scale-up** (more seeds, goals and horizons, the full protocol, components retrained; e.g. on a GPU, not timed here):
+# `moebook run nbs/06_causal_world_models.ipynb -p n_seeds 5 -p retrain True -p max_horizon 8 -p full_protocol True -p n_plan 300 -p n_infer 500 -p budget_mult 4 -p ae_steps 6000 -p flow_steps 6000 -p lm_steps 6000 -p setting evidence -p device cuda`
+#
 # ## The GridWorld
 #
 # The grid is 8×8. Three cars live in fixed columns and drive downwards (wrapping around); each car has its
@@ -347,6 +367,13 @@ def describe_state(state: Sequence[int]) -> str:
     lights = " ".join(f"The {c} light is {'green' if s[2 + i] else 'red'}." for i, c in enumerate(COLOURS))
     return f"{cars} {lights} The boulder is in column {s[0]} and row {s[1]}."
 
+def describe_variables(v: Sequence[int]) -> str:
+    "The describer's text for decoded variables, also when they overlap (the model's belief, not a valid state)."
+    v = np.asarray(v)
+    cars = " ".join(f"The {c} car is in row {v[5 + i]}." for i, c in enumerate(COLOURS))
+    lights = " ".join(f"The {c} light is {'green' if v[2 + i] else 'red'}." for i, c in enumerate(COLOURS))
+    return f"{cars} {lights} The boulder is in column {v[0]} and row {v[1]}."
+
 _STATE_PATTERNS = ([re.compile(r"boulder is in column (\d+)"), re.compile(r"boulder is in column \d+ and row (\d+)")]
                    + [re.compile(rf"[Tt]he {c} light is (red|green)") for c in COLOURS]
                    + [re.compile(rf"[Tt]he {c} car is in row (\d+)") for c in COLOURS])
@@ -376,6 +403,8 @@ print(len(ALL_ACTION_TEXTS), "action texts, e.g.", ALL_ACTION_TEXTS[40])
 test_eq(parse_state(describe_state(s0)), s0)
 print(describe_state(s0))
 test_eq(parse_state("The blue car is in row 9."), [-1] * 8)
+test_eq(describe_variables(s0), describe_state(s0))
+test_eq(parse_state(describe_variables([1, 2, 1, 0, 1, 2, 5, 7])), [1, 2, 1, 0, 1, 2, 5, 7])  # overlapping, still readable
 
 
 # %% [markdown]
@@ -619,6 +648,7 @@ class CausalRL(nn.Module):
         super().__init__()
         self.flow, self.action_encoder = Flow(latent_dim, n_blocks, hidden, seed), ActionEncoder(mode)
         self.prior = TransitionPrior(latent_dim, 32, hidden)
+        self.temperature = 5.0  # interaction temperature after annealing (used when simulating)
 
     def nll(self, x, x_next, coords, text_emb, temperature=1.0):
         "Negative log-likelihood of x_next given x and the action, per latent dimension (a scalar)."
@@ -628,9 +658,11 @@ class CausalRL(nn.Module):
         return -(lp + logdet).mean() / x.shape[1]
 
     @torch.no_grad()
-    def predict(self, z, coords, text_emb, temperature):
-        "The prior's mean next latent (B, D): the world model's deterministic simulation step."
-        return self.prior(z, self.action_encoder(coords, text_emb), temperature)[0]
+    def sample(self, z, coords, text_emb, generator: torch.Generator | None = None):
+        "One draw of the next latents (B, D) from the prior (as the reference code's `prior_t1.sample`)."
+        mean, log_std, _ = self.prior(z, self.action_encoder(coords, text_emb), self.temperature)
+        eps = torch.randn(mean.shape, generator=generator).to(mean.device)
+        return mean + log_std.exp() * eps
 
 
 # %%
@@ -639,7 +671,10 @@ _x = torch.randn(10, 6)
 _loss = _crl.nll(_x, _x + 0.1, torch.zeros(10, 5), torch.zeros(10, 384))
 _loss.backward()
 assert torch.isfinite(_loss) and all(p.grad is not None for p in _crl.prior.parameters())
-test_eq(_crl.predict(_x, torch.zeros(10, 5), torch.zeros(10, 384), 1.0).shape, (10, 6))
+_mean = _crl.prior(_x, _crl.action_encoder(torch.zeros(10, 5), torch.zeros(10, 384)), 5.0)[0]
+_draws = torch.stack([_crl.sample(_x, torch.zeros(10, 5), torch.zeros(10, 384), torch.Generator().manual_seed(i)) for i in range(400)])
+test_eq(_draws.shape, (400, 10, 6))
+assert (_draws.std(0) > 0).all() and (_draws.mean(0) - _mean).abs().max() < 0.25  # draws scatter around the prior's mean
 test_fail(lambda: ActionEncoder("pixels"), contains="action mode must be one of")
 
 
@@ -714,7 +749,6 @@ def train_crl(x: torch.Tensor, # (E, T+1, D) standardised autoencoder latents
         loss = model.nll(a + eps[0], b + eps[1], co[idx].to(device), te[idx].to(device), temperature)
         opt.zero_grad(); loss.backward(); nn.utils.clip_grad_norm_(model.parameters(), 5.0); opt.step(); sched.step()
         losses.append(loss.item())
-    model.temperature = 5.0
     return model.eval(), losses
 
 
@@ -723,10 +757,11 @@ def train_crl(x: torch.Tensor, # (E, T+1, D) standardised autoencoder latents
 #
 # Stage 1 measures how well each learned latent predicts each true variable: the $R^2$ of a binned
 # (piecewise-constant) regression of the variable on that single latent, fitted on one half of the data
-# and scored on the other. Each latent is assigned to the variable it predicts best (every variable gets
-# at least its best latent). Stage 2 trains one small MLP per variable on its assigned latents only,
-# classifying the variable's value (cross-entropy). Descriptions of predicted states then come from the
-# same rule-based describer as the environment's.
+# and scored on the other; the matrix is shown in the identification panel. The paper then restricts each
+# variable's stage-2 model to the latents assigned to it; here that restriction cost 14 points of
+# per-variable accuracy (0.66 vs 0.80, measured by an outside referee on the previous version), so stage 2
+# reads every latent: one small MLP per variable, classifying the variable's value (cross-entropy).
+# Descriptions of predicted states then come from the same rule-based describer as the environment's.
 
 # %%
 #| export
@@ -749,43 +784,36 @@ def r2_matrix(latents: torch.Tensor, # (N, D) learned latents
             R[d, j] = max(0.0, 1 - resid / max(v[half:, j].var(), 1e-12))
     return R
 
-def assign_latents(R: np.ndarray) -> np.ndarray:
-    "Stage-1 assignment (V, D) bool: each latent goes to its best variable; each variable keeps its best latent."
-    D, V = R.shape
-    mask = np.zeros((V, D), dtype=bool)
-    mask[R.argmax(1), np.arange(D)] = True
-    mask[np.arange(V), R.argmax(0)] = True
-    return mask
-
 class CausalMapper(nn.Module):
-    "Stage 2: one MLP per variable, reading only its assigned latents, classifying the variable's value."
-    def __init__(self, mask: np.ndarray, hidden: int = 64):
+    "Stage 2: one MLP per variable over all latents, classifying the variable's value."
+    def __init__(self, latent_dim: int, hidden: int = 128):
         super().__init__()
-        V, D = mask.shape
-        self.register_buffer("mask", torch.as_tensor(mask, dtype=torch.float32))
+        V = len(VARIABLES)
         self.register_buffer("valid", torch.arange(max(N_VALUES))[None] < torch.tensor(N_VALUES)[:, None])
-        self.register_buffer("shift", torch.zeros(D)); self.register_buffer("scale", torch.ones(D))
-        self.net = nn.Sequential(GroupLinear(V, D, hidden), nn.SiLU(), GroupLinear(V, hidden, hidden), nn.SiLU(), GroupLinear(V, hidden, max(N_VALUES)))
+        self.register_buffer("shift", torch.zeros(latent_dim)); self.register_buffer("scale", torch.ones(latent_dim))
+        self.net = nn.Sequential(GroupLinear(V, latent_dim, hidden), nn.SiLU(), GroupLinear(V, hidden, hidden), nn.SiLU(), GroupLinear(V, hidden, max(N_VALUES)))
     def forward(self, z):
         "Logits (B, V, 8), invalid values masked."
         z = (z - self.shift) / self.scale
-        return self.net(z[:, None] * self.mask).masked_fill(~self.valid, -1e9)
+        return self.net(z[:, None].expand(-1, len(VARIABLES), -1)).masked_fill(~self.valid, -1e9)
     @torch.no_grad()
     def predict(self, z) -> torch.Tensor:
         "Predicted variables (B, V)."
         return self(z).argmax(-1)
 
-def train_mapper(latents: torch.Tensor, values: np.ndarray, mask: np.ndarray, steps: int, seed: int,
-                 batch: int = 256, lr: float = 3e-3) -> CausalMapper:
+def train_mapper(latents: torch.Tensor, # (N, D) latents of training frames
+                 values: np.ndarray, # (N, 8) their true variables
+                 steps: int, seed: int, batch: int = 256, lr: float = 3e-3) -> CausalMapper:
     "Fit the stage-2 MLPs on (latent, true variable) pairs."
     torch.manual_seed(seed); g = torch.Generator().manual_seed(seed)
     z, y = latents.float().cpu(), torch.as_tensor(values, dtype=torch.long)
-    mapper = CausalMapper(mask)
+    mapper = CausalMapper(z.shape[1])
     mapper.shift.copy_(z.mean(0)); mapper.scale.copy_(z.std(0) + 1e-6)
     opt = torch.optim.Adam(mapper.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=max(steps, 1))
     for idx in _batches(len(z), batch, steps, g):
         loss = F.cross_entropy(mapper(z[idx]).flatten(0, 1), y[idx].flatten())
-        opt.zero_grad(); loss.backward(); opt.step()
+        opt.zero_grad(); loss.backward(); opt.step(); sched.step()
     return mapper.eval()
 
 def r2_per_variable(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
@@ -802,9 +830,11 @@ _lat = np.stack([np.tanh((_vals[:, 0] - 3.5) / 2) + 0.01 * _g.normal(size=2000),
                  _vals[:, 1] * 2.0 - 1 + 0.01 * _g.normal(size=2000)], 1)  # latent 0 -> var 0 (non-linearly), 2 -> var 1
 _R = r2_matrix(torch.tensor(_lat), _vals)
 assert _R[0, 0] > 0.9 and _R[2, 1] > 0.9 and _R[1].max() < 0.05 and _R[0, 1] < 0.05
-test_eq(assign_latents(_R)[:, [0, 2]], np.eye(2, dtype=bool))
 test_fail(lambda: r2_matrix(torch.zeros(5, 2), np.zeros((4, 2))), contains="expected latents")
 test_close(r2_per_variable(_vals, _vals), [1.0, 1.0])
+_states = np.stack([_random_valid_state(_g) for _ in range(3000)])  # latents = noisy variables: the mapper must recover them
+_m = train_mapper(torch.tensor(_states + 0.05 * _g.normal(size=_states.shape), dtype=torch.float32), _states, 600, 0)
+assert (_m.predict(torch.tensor(_states[:500] + 0.05 * _g.normal(size=(500, 8)), dtype=torch.float32)).numpy() == _states[:500]).mean() > 0.97
 
 
 # %% [markdown]
@@ -813,8 +843,10 @@ test_close(r2_per_variable(_vals, _vals), [1.0, 1.0])
 # The paper's agents are pretrained LLMs; here a tiny GPT-2 (built from a `transformers` config) learns the
 # world from text only: transitions `state : <description> action : <sentence> next : <description>` from
 # the same random-policy episodes. A word-level tokenizer built from the grammar and the describer covers
-# every word the task can produce. The loss covers the action sentence (so the LM can score actions given
-# a state) and the next-state description (so it can act as its own world model, as in RAP).
+# every word the task can produce. The loss covers the next-state description only: that is what the LM
+# needs to act as its own world model (as in RAP). Its **shuffled-state twin** is the same model trained on
+# the same transitions with each state description swapped for that of a random other transition: whatever
+# it learns does not use the state, so an LM that uses its input must reach a lower held-out loss.
 
 # %%
 #| export
@@ -854,11 +886,11 @@ def build_lm(vocab_size: int, width: int = 96, n_layer: int = 3, n_head: int = 4
     return GPT2LMHeadModel(cfg)
 
 def lm_training_batch(tok: WordTokenizer, examples: Sequence[tuple[str, str, str]]):
-    "Right-padded ids (B, L), attention mask and labels (-100 outside the action sentence and next state)."
+    "Right-padded ids (B, L), attention mask and labels (-100 outside the next-state description)."
     seqs, starts = [], []
     for state, action, nxt in examples:
-        prompt = tok.encode(transition_prompt(state))
-        seqs.append(prompt + tok.encode(f"{action} next : {nxt}") + [tok.eos_id]); starts.append(len(prompt))
+        prompt = tok.encode(transition_prompt(state, action))
+        seqs.append(prompt + tok.encode(nxt) + [tok.eos_id]); starts.append(len(prompt))
     L = max(map(len, seqs))
     ids = torch.full((len(seqs), L), tok.pad_id); labels = torch.full((len(seqs), L), -100)
     for b, (s, k) in enumerate(zip(seqs, starts)):
@@ -866,20 +898,41 @@ def lm_training_batch(tok: WordTokenizer, examples: Sequence[tuple[str, str, str
     return ids, (ids != tok.pad_id).long(), labels
 
 def train_lm(model, tok: WordTokenizer, examples: Sequence[tuple[str, str, str]], steps: int, seed: int,
-             batch: int = 32, lr: float = 3e-3, device: str | torch.device = "cpu", show_progress: bool = False) -> list[float]:
-    "Train the LM on (state, action sentence, next state) text triples; returns the loss curve."
+             batch: int = 32, lr: float = 3e-3, device: str | torch.device = "cpu", show_progress: bool = False,
+             heldout: Sequence[tuple[str, str, str]] | None = None, # if given, its loss is measured every `eval_every` steps
+             eval_every: int = 250,
+            ) -> tuple[list[float], list[float]]: # training loss per step, held-out loss per evaluation
+    "Train the LM on (state, action sentence, next state) text triples; returns its loss curves."
     g = torch.Generator().manual_seed(seed); torch.manual_seed(seed)
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=max(steps, 1))
-    losses = []
-    for idx in progress_bar(_batches(len(examples), batch, steps, g), show_progress, total=steps, desc="language model"):
+    losses, held = [], []
+    for step, idx in enumerate(progress_bar(_batches(len(examples), batch, steps, g), show_progress, total=steps, desc="language model"), 1):
         ids, mask, labels = (t.to(device) for t in lm_training_batch(tok, [examples[i] for i in idx]))
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(); loss.backward(); nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step(); sched.step()
         losses.append(loss.item())
+        if heldout is not None and (step % eval_every == 0 or step == steps):
+            model.eval(); held.append(lm_loss(model, tok, heldout)); model.train()
     model.eval()
-    return losses
+    return losses, held
+
+@torch.no_grad()
+def lm_loss(model, tok: WordTokenizer, examples: Sequence[tuple[str, str, str]], batch: int = 256) -> float:
+    "Mean next-state token cross-entropy of `examples` (held-out loss)."
+    dev, total, count = next(model.parameters()).device, 0.0, 0
+    for i in range(0, len(examples), batch):
+        ids, mask, labels = (t.to(dev) for t in lm_training_batch(tok, examples[i:i + batch]))
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        tgt = labels[:, 1:]
+        total += F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=-100, reduction="sum").item(); count += (tgt >= 0).sum().item()
+    return total / count
+
+def shuffle_states(examples: Sequence[tuple[str, str, str]], seed: int) -> list[tuple[str, str, str]]:
+    "The twin's data: each example's state description replaced by that of a random other example."
+    perm = np.random.default_rng(seed).permutation(len(examples))
+    return [(examples[j][0], a, n) for j, (_, a, n) in zip(perm, examples)]
 
 def _left_pad(seqs, pad_id, device):
     L = max(map(len, seqs))
@@ -887,26 +940,40 @@ def _left_pad(seqs, pad_id, device):
     for b, s in enumerate(seqs): ids[b, L - len(s):] = torch.tensor(s); mask[b, L - len(s):] = 1
     return ids, mask
 
-@torch.no_grad()
-def lm_generate(model, tok: WordTokenizer, prompts: Sequence[str], max_new_tokens: int = 64) -> list[str]:
-    "Greedy batched continuation of `prompts` (left-padded, with a KV cache) up to <eos>."
-    dev = next(model.parameters()).device
-    ids, mask = _left_pad([tok.encode(p) for p in prompts], tok.pad_id, dev)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-    new, done = [], torch.zeros(len(prompts), dtype=torch.bool, device=dev)
-    for _ in range(max_new_tokens):
-        nxt = out.logits[:, -1].argmax(-1).masked_fill(done, tok.pad_id)
-        new.append(nxt); done |= nxt == tok.eos_id
-        if done.all(): break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1); pos = pos[:, -1:] + 1
-        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=out.past_key_values, use_cache=True)
-    gen = torch.stack(new, 1).tolist()
-    return [tok.decode(g[:g.index(tok.eos_id)] if tok.eos_id in g else g) for g in gen]
+def description_slots(tok: WordTokenizer) -> tuple[list[int], list[tuple[int, int]]]:
+    "Token ids of a state description and the (position, variable) of its value tokens, in text order."
+    base, alt = np.array([0, 1, 0, 0, 0, 2, 3, 4]), (5, 6, 1, 1, 1, 5, 6, 7)
+    ids, slots = tok.encode(describe_state(base)), []
+    for j in range(len(VARIABLES)):
+        other = base.copy(); other[j] = alt[j]
+        diff = [i for i, (x, y) in enumerate(zip(ids, tok.encode(describe_state(other)))) if x != y]
+        assert len(diff) == 1, f"variable {VARIABLES[j]} is not one token of the description"
+        slots.append((diff[0], j))
+    return ids, sorted(slots)
 
-def lm_next_states(model, tok, state_texts: Sequence[str], action_texts_: Sequence[str]) -> list[str]:
-    "The LM as its own world model: predicted next-state descriptions."
-    return lm_generate(model, tok, [transition_prompt(s, a) for s, a in zip(state_texts, action_texts_)])
+def _value_ids(tok: WordTokenizer, j: int) -> list[int]:
+    return [tok.ids["green" if v else "red"] if j in (2, 3, 4) else tok.ids[str(v)] for v in range(N_VALUES[j])]
+
+@torch.no_grad()
+def lm_next_states(model, tok: WordTokenizer, state_texts: Sequence[str], action_texts_: Sequence[str]) -> list[str]:
+    """The LM as its own world model: greedy next-state descriptions, decoded inside the describer's template
+    (the template's words are given; at each value the LM's most likely valid value is taken)."""
+    dev, B = next(model.parameters()).device, len(state_texts)
+    template, slots = description_slots(tok)
+    ids, mask = _left_pad([tok.encode(transition_prompt(s, a)) for s, a in zip(state_texts, action_texts_)], tok.pad_id, dev)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    values, cache, start, feed = np.zeros((B, len(VARIABLES)), dtype=np.int64), None, 0, ids
+    for slot, j in slots:  # one forward pass per value: the template up to it, then the chosen value
+        seg = torch.tensor(template[start:slot], dtype=torch.long, device=dev).expand(B, slot - start)
+        x = torch.cat([feed, seg], 1); start = slot + 1
+        if cache is None: p, mask = torch.cat([pos, pos[:, -1:] + 1 + torch.arange(seg.shape[1], device=dev)], 1), torch.cat([mask, torch.ones_like(seg)], 1)
+        else: p, mask = last[:, None] + 1 + torch.arange(x.shape[1], device=dev), torch.cat([mask, torch.ones_like(x)], 1)
+        out = model(input_ids=x, attention_mask=mask, position_ids=p, past_key_values=cache, use_cache=True)
+        cache, last = out.past_key_values, p[:, -1]
+        allowed = torch.tensor(_value_ids(tok, j), device=dev)
+        choice = out.logits[:, -1, allowed].argmax(-1)
+        values[:, j], feed = choice.cpu().numpy(), allowed[choice][:, None]
+    return [describe_variables(v) for v in values]
 
 def canonical_action_text(action: int) -> str:
     "The plainest grammar sentence of an action (subject 'You', first verb, no adjective)."
@@ -914,24 +981,6 @@ def canonical_action_text(action: int) -> str:
     texts = action_texts(action)
     verb = _NOOP[0] if a.kind == "noop" else _VERBS[a.kind][0]
     return next(t for t in texts if t.startswith(f"You {verb}") and (a.kind == "noop" or f"{verb} the {'' if a.kind == 'boulder' else COLOURS[a.target] + ' '}" in t))
-
-@torch.no_grad()
-def lm_action_scores(model, tok, state_texts: Sequence[str]) -> np.ndarray:
-    "Log-probability the LM gives each action's canonical sentence after each state, (n_states, N_ACTIONS)."
-    dev = next(model.parameters()).device
-    seqs, spans = [], []
-    for s in state_texts:
-        prompt = tok.encode(transition_prompt(s))
-        for k in range(N_ACTIONS):
-            a = tok.encode(canonical_action_text(k)); seqs.append(prompt + a); spans.append((len(prompt), len(prompt) + len(a)))
-    ids, mask = _left_pad(seqs, tok.pad_id, dev)
-    logp = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits.log_softmax(-1)
-    L, scores = ids.shape[1], []
-    for b, (s, e) in enumerate(spans):
-        off = L - len(seqs[b])
-        tgt = ids[b, off + s:off + e]
-        scores.append(logp[b, off + s - 1:off + e - 1].gather(-1, tgt[:, None]).sum().item())
-    return np.array(scores).reshape(len(state_texts), N_ACTIONS)
 
 
 # %%
@@ -946,82 +995,197 @@ print(canonical_action_text(9), "|", canonical_action_text(4))
 _lm = build_lm(len(tok), width=32, n_layer=1, n_head=2)
 _ex = [(describe_state(s0), ALL_ACTION_TEXTS[0], describe_state(transition(s0, 0)))] * 4
 _ids, _mask, _labels = lm_training_batch(tok, _ex)
-test_eq(tok.decode(_labels[0][_labels[0] >= 0].tolist()), tok.decode(tok.encode(ALL_ACTION_TEXTS[0] + " next : " + describe_state(transition(s0, 0)))))
-_losses = train_lm(_lm, tok, _ex, steps=30, seed=0, batch=4, lr=1e-2)
-assert _losses[-1] < _losses[0] / 2
-_gen = lm_next_states(_lm, tok, [describe_state(s0)] * 2, [ALL_ACTION_TEXTS[0], ALL_ACTION_TEXTS[0] + " You waited."])
-test_eq(len(_gen), 2)
-test_eq(lm_action_scores(_lm, tok, [describe_state(s0)]).shape, (1, N_ACTIONS))
+test_eq(tok.decode(_labels[0][_labels[0] >= 0].tolist()), tok.decode(tok.encode(describe_state(transition(s0, 0)))))
+_losses, _held = train_lm(_lm, tok, _ex, steps=30, seed=0, batch=4, lr=1e-2, heldout=_ex, eval_every=10)
+assert _losses[-1] < _losses[0] / 2 and len(_held) == 3 and _held[-1] < _held[0]
+test_close(lm_loss(_lm, tok, _ex), _lm(input_ids=_ids, attention_mask=_mask, labels=_labels).loss.item(), eps=1e-4)  # HF's own loss
+_sh = shuffle_states([(str(i), "a", str(i)) for i in range(50)], 0)
+test_eq(sorted(s for s, _, _ in _sh), sorted(str(i) for i in range(50))); assert sum(s == n for s, _, n in _sh) < 5
+def _naive_next(model, tok, state, action):
+    "Reference: one sequence, no padding, no cache, a full forward pass per value."
+    template, slots = description_slots(tok)
+    seq, start, vals = tok.encode(transition_prompt(state, action)), 0, np.zeros(8, dtype=np.int64)
+    for slot, j in slots:
+        seq = seq + template[start:slot]; start = slot + 1
+        ids = _value_ids(tok, j); c = int(model(input_ids=torch.tensor([seq])).logits[0, -1, ids].argmax())
+        vals[j], seq = c, seq + [ids[c]]
+    return vals
+
+test_eq(len(description_slots(tok)[1]), 8)
+_states = [describe_state(transition(s0, k)) for k in range(6)]
+_acts = [ALL_ACTION_TEXTS[i] for i in (0, 50, 100, 150, 200, 250)]  # prompts of different lengths: left padding is exercised
+with torch.no_grad():
+    test_eq(np.stack([parse_state(t) for t in lm_next_states(_lm, tok, _states, _acts)]), np.stack([_naive_next(_lm, tok, s, a) for s, a in zip(_states, _acts)]))
 
 
 # %% [markdown]
-# ## Planning: MCTS with UCT over a world model
+# ## Planning protocols
 #
-# A planner needs three functions, all batched: `step(states, actions)` simulates, `decode(states)` reads
-# the 8 variables of simulated states, and `propose(states)` ranks the actions to try (the LM scoring each
-# action's sentence). Each MCTS iteration descends by UCT, expands the leaf with the top `n_candidates`
-# proposals (one batched simulation), scores each child by the fraction of goal variables it matches and
-# backs up the best score. The plan is the action path to the best node at the horizon. The same search
-# runs with the causal world model or with the LM as its own world model (the RAP baseline).
+# A planning problem: from a start state, reach a goal state in at most `h` actions. Two protocols:
+#
+# - **Paper protocol** — as in the public reference code (LLMCWM, `reasoners/benchmark/gw_utils.py` and
+#   `examples/gridworld/`): the planner's actions are *toggle a traffic light* and *no action*
+#   (`generate_actions`: moving cars and obstacles is commented out); the goal check ignores the obstacle
+#   (`ignore_obstacles=True`, so the 6 light and car variables are checked); a variable is met within a
+#   tolerance of 0.07 on variables scaled to [0, 1] (positions divided by 7, as the reference's causal
+#   vectors are; on our 8-cell grid that is an exact match, one cell being 1/7 ≈ 0.14); the search is
+#   terminal at the goal or at the depth limit, so plans are at most `h` long. The reference counts success
+#   when *any node of the search tree* reaches the goal **in the world model** (`check_goal_satisfied`);
+#   our primary success executes the returned plan **in the true environment** (as the reference's
+#   `eval_output` also does) and the in-model count is shown beside it. Goals are the state a random
+#   `h`-step sequence of the protocol's actions leads to (so every goal is reachable in `h` steps).
+# - **Full protocol** (our extension): all 14 actions, every one of the 8 variables exact.
 
 # %%
 #| export
+@dataclass(frozen=True)
+class Protocol:
+    "A planning protocol: the planner's actions, the variables a goal checks and their tolerance."
+    name: str
+    actions: tuple  # action indices the planner (and the goal generator) may use
+    goal_vars: tuple  # indices of the variables the goal check compares
+    tolerance: float  # on variables scaled to [0, 1] by (number of values - 1)
+
+    def __post_init__(self):
+        if not self.actions or any(not 0 <= a < N_ACTIONS for a in self.actions):
+            raise ValueError(f"protocol {self.name}: actions must be indices in [0, {N_ACTIONS}), got {self.actions}")
+        if not self.goal_vars or any(not 0 <= v < len(VARIABLES) for v in self.goal_vars):
+            raise ValueError(f"protocol {self.name}: goal_vars must index VARIABLES, got {self.goal_vars}")
+
+    def matched(self, variables, goals) -> np.ndarray:
+        "Whether each checked variable is within tolerance of the goal, (n, len(goal_vars)); -1 (unreadable) never is."
+        v, g = np.atleast_2d(variables)[:, list(self.goal_vars)], np.atleast_2d(goals)[:, list(self.goal_vars)]
+        scale = np.array(N_VALUES)[list(self.goal_vars)] - 1
+        return (v >= 0) & (np.abs(v - g) / scale <= self.tolerance + 1e-9)
+
+    def reached(self, variables, goals) -> np.ndarray:
+        "Whether each state meets its goal, (n,) bool."
+        return self.matched(variables, goals).all(-1)
+
+PAPER = Protocol("paper", (0, 1, 2, 3), (2, 3, 4, 5, 6, 7), 0.07)  # no-op, toggle each light; obstacle ignored
+FULL = Protocol("full", tuple(range(N_ACTIONS)), tuple(range(len(VARIABLES))), 0.0)
+
+def planning_budget(protocol: Protocol, horizon: int, budget_mult: int) -> int:
+    "MCTS expansions per goal: `budget_mult` x branching factor x depth."
+    if budget_mult < 1 or horizon < 1: raise ValueError(f"budget_mult and horizon must be >= 1, got {budget_mult}, {horizon}")
+    return budget_mult * len(protocol.actions) * horizon
+
 @dataclass
+class PlanningProblems:
+    "Start frames (n, H, W, 3), start states (n, 8), goal states (n, 8) and the horizon."
+    frames: np.ndarray
+    starts: np.ndarray
+    goals: np.ndarray
+    horizon: int
+
+def make_planning_problems(n: int, horizon: int, seed: int, protocol: Protocol) -> PlanningProblems:
+    "Random starts; each goal is where a random `horizon`-step sequence of the protocol's actions leads."
+    if n < 1 or horizon < 1: raise ValueError(f"n and horizon must be >= 1, got {n}, {horizon}")
+    rng, env = np.random.default_rng(seed), GridWorld()
+    frames, starts, goals = [], [], []
+    for _ in range(n):
+        obs, info = env.reset(seed=int(rng.integers(2**31)))
+        s = info["state"]
+        for a in rng.choice(protocol.actions, horizon): s = transition(s, int(a))
+        frames.append(obs); starts.append(info["state"]); goals.append(s)
+    return PlanningProblems(np.stack(frames), np.stack(starts), np.stack(goals), horizon)
+
+
+# %%
+test_eq(PAPER.matched([[0, 0, 1, 0, 1, 3, 4, 5]], [[7, 7, 1, 0, 1, 3, 4, 5]]), [[True] * 6])  # the obstacle is ignored
+test_eq(PAPER.reached([[0, 0, 1, 0, 1, 3, 4, 6]], [[0, 0, 1, 0, 1, 3, 4, 5]]), [False])  # one cell off is 0.14 > 0.07
+test_eq(FULL.reached([[7, 7, 1, 0, 1, 3, 4, 5]], [[0, 0, 1, 0, 1, 3, 4, 5]]), [False])
+test_eq(FULL.reached([[-1, 0, 1, 0, 1, 3, 4, 5]], [[-1, 0, 1, 0, 1, 3, 4, 5]]), [False])  # unreadable never matches
+test_eq([planning_budget(PAPER, h, 2) for h in (2, 4)], [16, 32])
+test_fail(lambda: Protocol("x", (0, 99), (0,), 0.0), contains="actions must be indices")
+_pp = make_planning_problems(20, 3, 0, PAPER)
+test_eq(_pp.starts[:, :2], _pp.goals[:, :2])  # toggles and no-ops never move the boulder
+test_eq(make_planning_problems(20, 3, 0, PAPER).goals, _pp.goals)
+
+
+# %% [markdown]
+# ### Batched MCTS
+#
+# A simulator is two batched functions: `step(states, actions)` returns the next states and `decode(states)`
+# their 8 variables (`-1` where unreadable). `mcts_plan` searches one tree per goal, all in lock-step so
+# each iteration makes one batched simulator call for every tree. An iteration descends each unfinished tree
+# by UCT over the children not yet exhausted, expands the leaf with **every** protocol action (so the
+# action proposer cannot matter: both world models search the same tree, only their simulation differs),
+# scores each child by the fraction of goal variables it matches and backs up the best score. A node is
+# terminal at the goal or the horizon, and a subtree is exhausted when all its leaves are terminal, so the
+# search never spends budget twice on the same node. A tree stops when a node reaches its goal in the
+# world model (the reference's terminal rule); the plan is the path to that node, or else to the node with
+# the best score. The budget, `budget_mult × branching × horizon` expansions, grows with both.
+
+# %%
+#| export
+@dataclass(eq=False)
 class _Node:
     state: object
     variables: np.ndarray
     depth: int
+    score: float
     parent: "_Node | None" = None
     action: int = -1
     children: list = field(default_factory=list)
     visits: int = 0
     value_sum: float = 0.0
+    done: bool = False  # terminal, or every leaf below it is
 
-def mcts_plan(root_state, # the world model's representation of the start state
-              goal: np.ndarray, # (8,) goal variables
-              horizon: int, # plan length
+def _path(node: _Node) -> list[int]:
+    plan = []
+    while node.parent is not None: plan.append(node.action); node = node.parent
+    return plan[::-1]
+
+def mcts_plan(roots: Sequence, # the simulator's representation of each start state
+              goals: np.ndarray, # (n, 8) goal variables
+              horizon: int, # maximum plan length (depth limit)
               step: Callable, # (states, actions) -> next states
               decode: Callable, # states -> (n, 8) variables
-              propose: Callable, # states -> (n, N_ACTIONS) action scores (higher first)
-              n_iters: int = 50, # expansions
-              n_candidates: int = N_ACTIONS, # children per expansion
+              protocol: Protocol, # actions and goal check
+              n_iters: int, # expansions per tree
               c_uct: float = 0.5, # exploration constant
-             ) -> list[int]:
-    "Plan `horizon` actions whose simulated end state matches `goal`; returns action indices."
-    goal = np.asarray(goal)
-    if goal.shape != (len(VARIABLES),): raise ValueError(f"goal must have {len(VARIABLES)} variables, got shape {goal.shape}")
+             ) -> tuple[list[list[int]], np.ndarray]: # plans, and whether each tree reached its goal in the model
+    "Plan for every goal at once; returns the plans and the in-model success of each tree."
+    goals = np.asarray(goals)
+    if goals.shape != (len(roots), len(VARIABLES)): raise ValueError(f"goals must be (n_roots, {len(VARIABLES)}), got {goals.shape} for {len(roots)} roots")
     if horizon < 1 or n_iters < 1: raise ValueError(f"horizon and n_iters must be >= 1, got {horizon}, {n_iters}")
-    score = lambda v: float((v == goal).mean())
-    root = _Node(root_state, decode([root_state])[0], 0)
-    best = None
+    score = lambda v, g: float(protocol.matched(v, g).mean())
+    trees = [_Node(r, v, 0, score(v, g), done=bool(protocol.reached(v, g)[0])) for r, v, g in zip(roots, decode(list(roots)), goals)]
+    found = [t if t.done else None for t in trees]
+    best, A = list(trees), list(protocol.actions)
     for _ in range(n_iters):
-        node = root
-        while node.children and node.depth < horizon:  # selection (UCT)
-            node = max(node.children, key=lambda ch: ch.value_sum / ch.visits + c_uct * math.sqrt(math.log(node.visits) / ch.visits))
-        if node.depth < horizon:  # expansion: the proposer's top candidates, simulated in one batch
-            actions = [int(a) for a in np.argsort(-propose([node.state])[0], kind="stable")[:n_candidates]]
-            states = step([node.state] * len(actions), actions)
-            variables = decode(states)
-            node.children = [_Node(s, v, node.depth + 1, node, a, visits=1, value_sum=score(v)) for s, v, a in zip(states, variables, actions)]
-            value = max(ch.value_sum for ch in node.children)
-            for ch in node.children:
-                if ch.depth == horizon and (best is None or score(ch.variables) > score(best.variables)): best = ch
-        else: value = score(node.variables)
-        while node is not None:  # backup
-            node.visits += 1; node.value_sum += value; node = node.parent
-        if best is not None and score(best.variables) == 1.0: break
-    if best is None:  # the search never reached the horizon: follow the most visited path, pad with no-ops
-        best = root
-        while best.children: best = max(best.children, key=lambda ch: ch.visits)
-    plan = []
-    while best.parent is not None: plan.append(best.action); best = best.parent
-    return plan[::-1] + [0] * (horizon - len(plan))
+        leaves = []
+        for i, node in enumerate(trees):
+            if node.done: continue
+            while node.children:  # selection: UCT over the children not yet exhausted
+                parent = node
+                node = max((c for c in parent.children if not c.done),
+                           key=lambda c: c.value_sum / c.visits + c_uct * math.sqrt(math.log(max(parent.visits, 1)) / c.visits))
+            leaves.append((i, node))
+        if not leaves: break
+        nxt = step([n.state for _, n in leaves for _ in A], [a for _ in leaves for a in A])  # one batched call
+        var = decode(nxt)
+        for j, (i, node) in enumerate(leaves):
+            for k, a in enumerate(A):
+                v = var[j * len(A) + k]
+                hit, s = bool(protocol.reached(v, goals[i])[0]), score(v, goals[i])
+                c = _Node(nxt[j * len(A) + k], v, node.depth + 1, s, node, a, visits=1, value_sum=s, done=hit or node.depth + 1 >= horizon)
+                node.children.append(c)
+                if hit and found[i] is None: found[i] = c
+                if s > best[i].score: best[i] = c
+            value = max(c.score for c in node.children)
+            while node is not None:  # backup
+                node.visits += 1; node.value_sum += value
+                node.done = node.done or all(c.done for c in node.children)
+                node = node.parent
+            if found[i] is not None: trees[i].done = True
+    return [_path(f if f is not None else b) for f, b in zip(found, best)], np.array([f is not None for f in found])
 
-def perfect_simulator():
-    "step/decode/propose functions of the true environment (states are variable vectors; uniform proposals)."
+def true_simulator():
+    "step/decode of the true environment (states are variable vectors): the planner's ceiling."
     return (lambda states, actions: [transition(s, a) for s, a in zip(states, actions)],
-            lambda states: np.stack([np.asarray(s) for s in states]),
-            lambda states: np.zeros((len(states), N_ACTIONS)))
+            lambda states: np.stack([np.asarray(s) for s in states]))
 
 def execute_plan(state: Sequence[int], plan: Sequence[int]) -> np.ndarray:
     "The true state after executing `plan` from `state`."
@@ -1029,15 +1193,44 @@ def execute_plan(state: Sequence[int], plan: Sequence[int]) -> np.ndarray:
     for a in plan: s = transition(s, a)
     return s
 
+def executed_success(plans: Sequence[Sequence[int]], problems: PlanningProblems, protocol: Protocol) -> np.ndarray:
+    "Whether each plan, executed in the true environment, ends in its goal (n,) bool."
+    ends = np.stack([execute_plan(s, p) for s, p in zip(problems.starts, plans)])
+    return protocol.reached(ends, problems.goals)
+
+def noop_plans(problems: PlanningProblems) -> list[list[int]]:
+    "Baseline: `h` no-ops."
+    return [[0] * problems.horizon for _ in problems.starts]
+
+def random_plans(problems: PlanningProblems, protocol: Protocol, seed: int) -> list[list[int]]:
+    "Baseline: `h` uniformly random actions of the protocol."
+    rng = np.random.default_rng(seed)
+    return [[int(a) for a in rng.choice(protocol.actions, problems.horizon)] for _ in problems.starts]
+
+
+# %% [markdown]
+# The search is checked against an independent exhaustive search: with the true environment and a budget
+# that covers the whole tree, it must succeed exactly on the goals some action sequence of length ≤ h
+# reaches (here every goal, by construction), under both protocols.
 
 # %%
-_step, _decode, _propose = perfect_simulator()
-_start = np.array([3, 3, 1, 0, 1, 2, 5, 7])
-for _plan_true in ([1, 9], [4, 2, 11]):  # toggle + move a car; push the boulder, toggle, move a car
-    _goal = execute_plan(_start, _plan_true)
-    _plan = mcts_plan(_start, _goal, len(_plan_true), _step, _decode, _propose, n_iters=60)
-    test_eq(len(_plan), len(_plan_true)); test_eq(execute_plan(_start, _plan), _goal)
-test_fail(lambda: mcts_plan(_start, _goal[:3], 2, _step, _decode, _propose), contains="goal must have 8")
+def _brute_force_reachable(start, goal, h, protocol):
+    frontier = [check_state(start)]
+    if protocol.reached(frontier[0], goal).all(): return True
+    for _ in range(h):
+        frontier = [transition(s, a) for s in frontier for a in protocol.actions]
+        if protocol.reached(np.stack(frontier), goal).any(): return True
+    return False
+
+for _proto, _h in ((PAPER, 2), (PAPER, 3), (FULL, 2)):
+    _pp = make_planning_problems(12, _h, 5, _proto)
+    _plans, _inm = mcts_plan(list(_pp.starts), _pp.goals, _h, *true_simulator(), _proto, n_iters=sum(len(_proto.actions) ** d for d in range(_h)))
+    test_eq(executed_success(_plans, _pp, _proto), [_brute_force_reachable(s, g, _h, _proto) for s, g in zip(_pp.starts, _pp.goals)])
+    test_eq(_inm, executed_success(_plans, _pp, _proto))  # a perfect simulator's in-model success is real success
+    assert all(len(p) <= _h for p in _plans)
+test_fail(lambda: mcts_plan(list(_pp.starts), _pp.goals[:3], 2, *true_simulator(), PAPER, 4), contains="goals must be")
+_pp = make_planning_problems(50, 2, 1, PAPER)
+test_eq(executed_success(noop_plans(_pp), _pp, PAPER), [(execute_plan(s, [0, 0])[2:] == g[2:]).all() for s, g in zip(_pp.starts, _pp.goals)])
 
 
 # %% [markdown]
@@ -1045,68 +1238,93 @@ test_fail(lambda: mcts_plan(_start, _goal[:3], 2, _step, _decode, _propose), con
 #
 # `CausalWorldModel` wraps the trained parts behind the text interface of the paper: it encodes the start
 # frame into causal latents, turns an action *sentence* into the transition model's input (the cached
-# sentence embedding; for coordinate inputs, the parsed action located in the mapper's decoded state),
-# steps the prior's mean, and decodes latents into variables and then into a description.
+# sentence embedding; for coordinate inputs, the parsed action located in the decoded state), and decodes
+# latents into variables and then into a description. A simulated state is `k` particles: every step
+# *samples* the prior once per particle (the reference code's `prior_t1.sample`; the prior's mean is not a
+# state the model believes in), and the decoded variables are the per-variable majority vote of the
+# particles (ties go to the smaller value).
 
 # %%
 #| export
+def majority_vote(values: torch.Tensor, # (B, k, V) integer votes in [0, n_values)
+                  n_values: int = max(N_VALUES),
+                 ) -> torch.Tensor: # (B, V): the most frequent value per row and variable (ties: the smaller)
+    "Per-variable majority vote over particles."
+    return F.one_hot(values.long(), n_values).sum(1).argmax(-1)
+
 class CausalWorldModel:
-    "Autoencoder + flow + transition prior + causal mapper, simulating in the causal latent space."
+    "Autoencoder + flow + transition prior + causal mapper, simulating `k` particles in the causal latent space."
     def __init__(self, ae: Autoencoder, crl: CausalRL, mapper: CausalMapper, x_mean: torch.Tensor, x_std: torch.Tensor,
                  text_emb: torch.Tensor, # (len(ALL_ACTION_TEXTS), 384) cached sentence embeddings
+                 k: int = 5, # particles per simulated state
+                 seed: int = 0, # seed of the prior samples
                 ):
         if text_emb.shape[0] != len(ALL_ACTION_TEXTS): raise ValueError(f"text_emb must embed all {len(ALL_ACTION_TEXTS)} action texts, got {text_emb.shape[0]}")
-        self.ae, self.crl, self.mapper, self.x_mean, self.x_std, self.text_emb = ae, crl, mapper, x_mean, x_std, text_emb
+        if k < 1: raise ValueError(f"k (particles) must be >= 1, got {k}")
+        self.ae, self.crl, self.mapper, self.x_mean, self.x_std, self.text_emb, self.k = ae, crl, mapper, x_mean, x_std, text_emb, k
         self.text_index = {t: i for i, t in enumerate(ALL_ACTION_TEXTS)}
         self.device = next(crl.parameters()).device
+        self.generator = torch.Generator().manual_seed(seed)
 
     @torch.no_grad()
     def encode(self, frames: np.ndarray) -> torch.Tensor:
-        "Causal latents (B, D) of uint8 frames (B, H, W, 3)."
+        "Particles (B, k, D) of uint8 frames (B, H, W, 3): the perceived latents, repeated."
         x = (encode_frames(self.ae, frames) - self.x_mean) / self.x_std
-        return self.crl.flow(x.to(self.device))[0]
+        z = self.crl.flow(x.to(self.device))[0]
+        return z[:, None].expand(-1, self.k, -1).contiguous()
 
-    def decode(self, z: torch.Tensor) -> np.ndarray:
-        "Predicted variables (B, 8) of latents (B, D)."
-        return self.mapper.predict(z.cpu()).numpy()
+    def decode(self, Z: torch.Tensor) -> np.ndarray:
+        "Variables (B, 8) of particles (B, k, D): mapper per particle, majority vote."
+        B, k, D = Z.shape
+        return majority_vote(self.mapper.predict(Z.reshape(B * k, D).cpu()).reshape(B, k, -1)).numpy()
 
-    def describe(self, z: torch.Tensor) -> list[str]:
-        "Rule-based descriptions of the decoded variables (invalid combinations are described as decoded)."
-        return [describe_state(np.clip(v, 0, np.array(N_VALUES) - 1)) if _valid(v) else _describe_raw(v) for v in self.decode(z)]
+    def describe(self, Z: torch.Tensor) -> list[str]:
+        "Rule-based descriptions of the decoded variables (overlapping objects are described as decoded)."
+        return [describe_variables(v) for v in self.decode(Z)]
 
     @torch.no_grad()
-    def step(self, z: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
-        "Simulate one step per row: latents (B, D) and action sentences -> next latents (B, D)."
+    def step(self, Z: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        "Simulate one step per row: particles (B, k, D) and action sentences -> next particles (B, k, D)."
         try: ids = [self.text_index[t] for t in texts]
         except KeyError as e: raise ValueError(f"action text {e.args[0]!r} is not a sentence of the action grammar") from None
-        state = self.decode(z)
-        coords = torch.from_numpy(np.stack([action_coordinates(parse_action(t), s) for t, s in zip(texts, state)])).to(self.device)
-        return self.crl.predict(z, coords, self.text_emb[ids].to(self.device), self.crl.temperature)
+        B, k, D = Z.shape
+        state = self.decode(Z)
+        coords = torch.from_numpy(np.stack([action_coordinates(parse_action(t), s) for t, s in zip(texts, state)]))
+        rep = lambda t: t.to(self.device)[:, None].expand(B, k, t.shape[-1]).reshape(B * k, -1)
+        return self.crl.sample(Z.reshape(B * k, D), rep(coords), rep(self.text_emb[ids]), self.generator).reshape(B, k, D)
 
-    def planner(self, propose: Callable):
-        "step/decode/propose for `mcts_plan`; states are latent rows (D,)."
+    def simulator(self):
+        "step/decode for `mcts_plan`; a state is a (k, D) tensor of particles."
         step = lambda states, actions: list(self.step(torch.stack(states), [canonical_action_text(a) for a in actions]))
-        return step, lambda states: self.decode(torch.stack(states)), propose
+        return step, lambda states: self.decode(torch.stack(states))
 
-def _valid(v):
-    try: check_state(v); return True
-    except ValueError: return False
+def lm_simulator(model, tok: WordTokenizer):
+    "step/decode for `mcts_plan` with the LM as its own world model; a state is a description (greedy, so memoised)."
+    memo = {}
+    def step(states, actions):
+        keys = list(zip(states, actions))
+        todo = [k for k in dict.fromkeys(keys) if k not in memo]
+        if todo: memo.update(zip(todo, lm_next_states(model, tok, [s for s, _ in todo], [canonical_action_text(a) for _, a in todo])))
+        return [memo[k] for k in keys]
+    return step, lambda states: np.stack([parse_state(s) for s in states])
 
-def _describe_raw(v):
-    "Describe decoded variables even when they overlap (the world model's belief, not a valid state)."
-    cars = " ".join(f"The {c} car is in row {v[5 + i]}." for i, c in enumerate(COLOURS))
-    lights = " ".join(f"The {c} light is {'green' if v[2 + i] else 'red'}." for i, c in enumerate(COLOURS))
-    return f"{cars} {lights} The boulder is in column {v[0]} and row {v[1]}."
+
+# %%
+test_eq(majority_vote(torch.tensor([[[1, 0], [2, 0], [1, 7]]])), [[1, 0]])
+test_eq(majority_vote(torch.tensor([[[3], [2]]])), [[2]])  # a tie goes to the smaller value
+_step, _decode = lm_simulator(_lm, tok)
+_ss, _aa = [_states[0], _states[0], _states[1]], [1, 1, 2]
+test_eq(_step(_ss, _aa), lm_next_states(_lm, tok, _ss, [canonical_action_text(a) for a in _aa]))  # memoised = recomputed
+test_eq(_decode(_step(_ss, _aa)), np.stack([parse_state(t) for t in _step(_ss, _aa)]))
 
 
 # %% [markdown]
-# ## Tasks: causal inference and planning
+# ## Causal inference
 #
-# *Causal inference*: from a start state and a sequence of `h` action sentences, predict the resulting
-# state (accuracy per variable). The CWM sees the start frame, the LM its description. *Planning*: from a
-# start state, reach a goal state described in text in exactly `h` actions (the goal is the state a random
-# `h`-step action sequence leads to, so it is reachable); success means the plan, executed in the true
-# environment, ends in the goal.
+# From a start state and a sequence of `h` action sentences (all 14 actions, random grammar sentences),
+# predict the resulting state; the score of a problem is the fraction of its 8 variables predicted exactly.
+# The CWM sees the start frame, the LM its true description (as in the paper). Baselines: **copy** ("nothing
+# changes", from the true start state) and **perceive-then-copy** (the CWM's decoded start state, copied).
 
 # %%
 #| export
@@ -1123,11 +1341,11 @@ def make_inference_problems(n: int, max_horizon: int, seed: int) -> InferencePro
     return InferenceProblems(d.frames[:, 0], d.states, [[ALL_ACTION_TEXTS[i] for i in row] for row in d.text_ids])
 
 def cwm_rollout(cwm: CausalWorldModel, problems: InferenceProblems, horizons: Sequence[int]) -> dict[int, np.ndarray]:
-    "Predicted variables (n, 8) after each horizon in `horizons`, simulating with the CWM."
-    z, out = cwm.encode(problems.frames), {}
+    "Predicted variables (n, 8) after each horizon in `horizons`, simulating with the CWM's particles."
+    Z, out = cwm.encode(problems.frames), {}
     for t in range(max(horizons)):
-        z = cwm.step(z, [row[t] for row in problems.texts])
-        if t + 1 in horizons: out[t + 1] = np.stack([parse_state(d) for d in cwm.describe(z)])
+        Z = cwm.step(Z, [row[t] for row in problems.texts])
+        if t + 1 in horizons: out[t + 1] = cwm.decode(Z)
     return out
 
 def lm_rollout(model, tok, problems: InferenceProblems, horizons: Sequence[int]) -> dict[int, np.ndarray]:
@@ -1138,215 +1356,500 @@ def lm_rollout(model, tok, problems: InferenceProblems, horizons: Sequence[int])
         if t + 1 in horizons: out[t + 1] = np.stack([parse_state(d) for d in texts])
     return out
 
-def make_planning_problems(n: int, horizon: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    "Start frames (n, H, W, 3), start states (n, 8) and goal states (n, 8) reachable in `horizon` steps."
-    d = collect_interactions(n, horizon, seed)
-    return d.frames[:, 0], d.states[:, 0], d.states[:, -1]
-
-def lm_planner(model, tok, propose: Callable):
-    "step/decode/propose for `mcts_plan` with the LM as its own world model; states are descriptions."
-    step = lambda states, actions: lm_next_states(model, tok, states, [canonical_action_text(a) for a in actions])
-    return step, lambda states: np.stack([parse_state(s) for s in states]), propose
-
-def plan_success(plans: Sequence[Sequence[int]], starts: np.ndarray, goals: np.ndarray) -> np.ndarray:
-    "Whether each plan, executed in the true environment, ends in its goal (n,) bool."
-    return np.array([(execute_plan(s, p) == g).all() for p, s, g in zip(plans, starts, goals)])
+def problem_accuracy(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    "Fraction of the 8 variables predicted exactly, per problem (n,)."
+    return (np.asarray(pred) == np.asarray(true)).mean(-1)
 
 
 # %%
 _p = make_inference_problems(3, 4, seed=1)
 test_eq(_p.frames.shape, (3, 32, 32, 3)); test_eq(len(_p.texts[0]), 4)
-_fr, _st, _go = make_planning_problems(3, 2, seed=1)
-_plans = [mcts_plan(s, g, 2, *perfect_simulator(), n_iters=40) for s, g in zip(_st, _go)]
-test_eq(plan_success(_plans, _st, _go), [True] * 3)
-test_eq(plan_success([[0, 0]] * 3, _st, _go), [(execute_plan(s, [0, 0]) == g).all() for s, g in zip(_st, _go)])
+for _i in range(3): test_eq(_p.states[_i, -1], execute_plan(_p.states[_i, 0], [parse_action(t) for t in _p.texts[_i]]))
+test_eq(problem_accuracy([[1, 2, 0, 0, 0, 1, 1, 1]], [[1, 3, 0, 0, 0, 1, 1, 1]]), [7 / 8])
+
+# %% [markdown]
+# ## Components: training, checkpoints and quality checks
+#
+# Per seed, the components are an autoencoder, the CRL model (flow, action head, transition prior, text
+# actions), the causal mapper, the LM and its shuffled-state twin, all trained on `n_episodes` random-policy
+# episodes drawn with that seed. Training all of them takes longer than the default run may, so the
+# committed checkpoints (`data/causal_checkpoints/`: one safetensors file per seed, stored in float16 and
+# evaluated in float32, and `manifest.json` with the training configuration, SHA-256 of every file, the
+# exact command and git commit that made them and the training curves) are what the default run evaluates;
+# `retrain=True` trains them afresh, and `tests/test_causal.py` checks that retraining reproduces them.
+
+# %%
+#| export
+TRAIN_DEFAULTS = dict(n_episodes=4000, episode_len=5, latent_dim=16, ae_steps=2500, flow_steps=2500, mapper_steps=2500,
+                      lm_steps=2000, lm_width=96)
+COMPONENT_SEED, TEST_SEED = 10_000, 30_000  # held-out episodes for the component checks; test problems
+
+class Components(nn.Module):
+    "One seed's trained parts: autoencoder, CRL model, causal mapper, LM and its shuffled-state twin."
+    def __init__(self, cfg: dict, vocab_size: int, seed: int = 0):
+        super().__init__()
+        missing = set(TRAIN_DEFAULTS) - set(cfg)
+        if missing: raise ValueError(f"training config lacks {sorted(missing)}")
+        D = cfg["latent_dim"]
+        self.ae, self.crl, self.mapper = Autoencoder(D), CausalRL(D, "text", seed=seed), CausalMapper(D)
+        self.lm, self.lm_shuffled = build_lm(vocab_size, cfg["lm_width"], seed=seed), build_lm(vocab_size, cfg["lm_width"], seed=seed)
+        self.register_buffer("x_mean", torch.zeros(D)); self.register_buffer("x_std", torch.ones(D))
+
+def _every(xs, n=25): return [float(x) for x in xs[::n]]
+
+def lm_examples(data: Interactions) -> list[tuple[str, str, str]]:
+    "(state description, action sentence, next-state description) of every transition in `data`."
+    E, T = data.actions.shape
+    return [(describe_state(data.states[e, t]), ALL_ACTION_TEXTS[data.text_ids[e, t]], describe_state(data.states[e, t + 1]))
+            for e in range(E) for t in range(T)]
+
+def train_components(cfg: dict, # training configuration (keys of TRAIN_DEFAULTS)
+                     seed: int, # seeds the data, every initialisation and every batch order
+                     text_table: torch.Tensor, # (len(ALL_ACTION_TEXTS), 384) sentence embeddings
+                     device: str | torch.device = "cpu", show_progress: bool = False,
+                    ) -> tuple[Components, dict]: # the components (CPU, eval mode) and their training curves
+    "Train one seed's components on its own random-policy episodes."
+    tok = make_tokenizer()
+    comp = Components(cfg, len(tok), seed)
+    data = collect_interactions(cfg["n_episodes"], cfg["episode_len"], seed)
+    ae, ae_losses = train_autoencoder(data.frames, cfg["latent_dim"], cfg["ae_steps"], seed, device=device, show_progress=show_progress)
+    x = encode_frames(ae, data.frames)
+    x_mean, x_std = x.mean((0, 1)), x.std((0, 1)) + 1e-6
+    x = (x - x_mean) / x_std
+    text = text_table[torch.from_numpy(data.text_ids)]
+    crl, crl_losses = train_crl(x, action_inputs(data.actions, data.states[:, :-1]), text, "text", cfg["flow_steps"], seed,
+                                device=device, show_progress=show_progress)
+    with torch.no_grad(): z = crl.flow(x.reshape(-1, x.shape[-1]).to(device))[0].cpu()
+    mapper = train_mapper(z, data.states.reshape(-1, len(VARIABLES)), cfg["mapper_steps"], seed)
+    examples = lm_examples(data)
+    heldout = lm_examples(collect_interactions(100, 5, COMPONENT_SEED))[:300]
+    curves = dict(ae=_every(ae_losses), crl=_every(crl_losses))
+    for name, ex in (("lm", examples), ("lm_shuffled", shuffle_states(examples, seed))):
+        lm = getattr(comp, name)
+        losses, held = train_lm(lm, tok, ex, cfg["lm_steps"], seed, device=device, show_progress=show_progress, heldout=heldout)
+        curves[name], curves[name + "_heldout"] = _every(losses), held
+    comp.ae.load_state_dict(ae.state_dict()); comp.crl.load_state_dict(crl.state_dict()); comp.mapper.load_state_dict(mapper.state_dict())
+    comp.x_mean.copy_(x_mean); comp.x_std.copy_(x_std)
+    return comp.cpu().eval(), curves
+
+def _sha256(path: Path) -> str: return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+def _train_and_save(_variant: str, seed: int, cfg: dict, out: str, text_table: torch.Tensor, device: str) -> dict:
+    from safetensors.torch import save_model
+    comp, curves = train_components(cfg, seed, text_table, device)
+    save_model(comp.half(), str(Path(out) / f"seed{seed}.safetensors"))
+    return curves
+
+def write_checkpoints(out_dir: str | Path, # folder for seed<s>.safetensors and manifest.json
+                      seeds: Sequence[int] = (0, 1, 2), cfg: dict | None = None, # default: TRAIN_DEFAULTS
+                      device: str = "cpu", workers: int = 1, # parallel seeds (CPU processes)
+                      command: str = "", # the exact command line, recorded in the manifest
+                     ) -> dict: # the manifest
+    "Train every seed's components and write float16 safetensors checkpoints with a manifest."
+    from moebook.evidence import paired_runs
+    cfg, out = dict(cfg or TRAIN_DEFAULTS), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    text_table = embed_texts(ALL_ACTION_TEXTS)
+    from moebook.evidence import provenance
+    t0, code = time.time(), provenance()  # the code that trains
+    run = functools.partial(_train_and_save, cfg=cfg, out=str(out), text_table=text_table, device=device)
+    curves = paired_runs(run, ["components"], list(seeds), workers=workers)
+    files = {f"seed{s}.safetensors": {"sha256": _sha256(out / f"seed{s}.safetensors"), "bytes": (out / f"seed{s}.safetensors").stat().st_size} for s in seeds}
+    manifest = dict(config=cfg, seeds=list(seeds), files=files, dtype="float16", command=command, commit=code["commit"], dirty=code["dirty"], torch=torch.__version__, device=str(device),
+                    wall_s=round(time.time() - t0, 1), curves={str(s): curves[("components", s)] for s in seeds})
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+def load_components(folder: str | Path, # a folder written by `write_checkpoints`
+                    seed: int, device: str | torch.device = "cpu",
+                   ) -> Components:
+    "One seed's components, checked against the manifest's SHA-256, in float32."
+    from safetensors.torch import load_model
+    folder = Path(folder)
+    if not (folder / "manifest.json").exists(): raise FileNotFoundError(f"{folder}: no manifest.json (write it with write_checkpoints)")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    name = f"seed{seed}.safetensors"
+    if name not in manifest["files"]: raise ValueError(f"{folder}: no checkpoint for seed {seed} (it has seeds {manifest['seeds']}); pass retrain=True")
+    if _sha256(folder / name) != manifest["files"][name]["sha256"]: raise ValueError(f"{folder / name}: SHA-256 differs from the manifest (corrupted or replaced)")
+    comp = Components(manifest["config"], len(make_tokenizer()), seed).half()
+    load_model(comp, str(folder / name))
+    return comp.float().to(device).eval()
+
+
+# %% [markdown]
+# Quality checks of the components, on held-out episodes drawn with `COMPONENT_SEED` (no seed trains on
+# them): **perception** is the per-variable accuracy of the variables the CWM decodes from a frame;
+# **transition** is the 1-step accuracy from a perceived frame and an action sentence, on the *affected*
+# variables of each transition (the action's targets and every variable that changes), against copy; for
+# the **LM**, the held-out next-state loss against that of its shuffled-state twin.
+
+# %%
+#| export
+def affected_variables(state: Sequence[int], action: int) -> np.ndarray:
+    "The variables an action affects in a state (8,) bool: its intervention targets and every variable that changes."
+    s, a = check_state(state), ACTIONS[action_index(action)]
+    m = transition(s, action) != s
+    if a.kind == "toggle": m[2 + a.target] = True
+    elif a.kind == "car": m[5 + a.target] = True
+    elif a.kind == "boulder": m[0 if a.direction in ("left", "right") else 1] = True
+    return m
+
+def perception_accuracy(cwm: CausalWorldModel, frames: np.ndarray, states: np.ndarray) -> np.ndarray:
+    "Per-variable accuracy (8,) of the variables decoded from frames (N, H, W, 3) against states (N, 8)."
+    pred = np.concatenate([cwm.decode(cwm.encode(frames[i:i + 512])) for i in range(0, len(frames), 512)])
+    return (pred == states).mean(0)
+
+def transition_accuracy(cwm: CausalWorldModel, data: Interactions) -> dict[str, float]:
+    "1-step accuracy from perceived frames on affected variables (CWM and copy), and on all variables."
+    f, s0, s1 = data.frames[:, :-1].reshape(-1, *data.frames.shape[2:]), data.states[:, :-1].reshape(-1, 8), data.states[:, 1:].reshape(-1, 8)
+    texts = [ALL_ACTION_TEXTS[i] for i in data.text_ids.reshape(-1)]
+    pred = np.concatenate([cwm.decode(cwm.step(cwm.encode(f[i:i + 512]), texts[i:i + 512])) for i in range(0, len(f), 512)])
+    aff = np.stack([affected_variables(s, a) for s, a in zip(s0, data.actions.reshape(-1))])
+    return dict(cwm_affected=float((pred == s1)[aff].mean()), copy_affected=float((s0 == s1)[aff].mean()),
+                cwm_all=float((pred == s1).mean()), copy_all=float((s0 == s1).mean()), n_affected=int(aff.sum()))
+
+
+# %%
+test_eq(affected_variables(s0, 0), transition(s0, 0) != s0)  # no-op: only the cars that drive
+test_eq(np.flatnonzero(affected_variables([0, 5, 0, 0, 0, 5, 0, 0], Action("boulder", -1, "right"))), [0])  # blocked push: still a target
+test_eq(np.flatnonzero(affected_variables(s0, Action("toggle", 1))), [3, 5, 7])  # the toggled light and the green cars
+_tok = make_tokenizer()
+_c = Components(TRAIN_DEFAULTS, len(_tok))
+test_fail(lambda: Components({"latent_dim": 4}, 10), contains="training config lacks")
+print(f"{sum(p.numel() for p in _c.parameters()) / 1e6:.2f}M parameters per seed")
+
+# %% [markdown]
+# ## Claims, fixed before the experiment
+#
+# The paper's two headline claims, each with one primary row; secondary rows show the other task and the
+# paper's own in-model success count. Effects are CWM − LM in the metric's units, estimated on test
+# problems that no tuning touched (problem seeds `TEST_SEED`; the training settings were chosen on held-out
+# episodes of other seeds, the budget and particle count by the perfect simulator and by run time; no learned
+# model met a test problem before the committed run), paired per problem and averaged over the seeds; the CI is a BCa
+# bootstrap over problems (`paired_bootstrap`, trusted from 100 problems). The targets are the smallest
+# effects that would count, far below the paper's effects, so that a small but real advantage is still
+# "supported". The preconditions are the component checks above, with thresholds fixed here.
+
+# %%
+from moebook.evidence import Claim, Precondition, paired_bootstrap, paired_runs, paired_t, wilson_rate, show_claims, MIN_N
+
+# %%
+NB = "06_causal_world_models.ipynb"
+MIN_PERCEPTION = 0.95  # held-out per-variable accuracy of the CWM's perception, every variable and seed
+MIN_PERFECT_H2 = 0.90  # success of the perfect simulator at h = 2 under the paper protocol, at the experiment's budget
+PAPER_INFERENCE = {1: (0.954, 0.391), 2: (0.922, 0.220), 4: (0.829, 0.085), 8: (0.758, 0.005)}  # CWM, LM accuracy
+PAPER_PLANNING = {2: (0.95, 0.20), 4: (0.73, 0.11), 8: (0.42, 0.06)}  # CWM, LM success
+DEVIATIONS = ["toy scale: 32x32 renders, a 16-latent CRL model and a ~0.4M-parameter GPT-2, trained on CPU",
+              "the LM is trained from scratch on the same random-policy episodes (the paper prompts a pretrained LLM with few-shot examples)",
+              "both planners expand every protocol action (no LM proposer or self-evaluation reward): only the simulator differs",
+              "primary planning success executes the plan in the true environment (the reference counts a goal reached in the world model)",
+              "the causal mapper's stage 2 reads all latents (the paper restricts it to the latents stage 1 assigns)",
+              "planning goals are reachable with the protocol's actions (the reference samples them from dataset trajectories)"]
+CLAIMS = {
+    "1": Claim(notebook=NB, id="1", claim="The causal world model beats the LLM-only reasoner (planning)",
+               metric="planning success at h = 2, paper protocol, plan executed in the true environment (seed-averaged per test goal)",
+               direction="increase", treatment="MCTS + CWM", control="MCTS + LM as its own world model", target=0.2,
+               paper_effect=PAPER_PLANNING[2][0] - PAPER_PLANNING[2][1], paper_metric="GridWorld planning success, 2 steps, CWM - LM",
+               deviations=DEVIATIONS),
+    "1b": Claim(notebook=NB, id="1b", claim="The causal world model beats the LLM-only reasoner (causal inference)",
+                metric="causal-inference accuracy at h = 2: fraction of the 8 variables exact (seed-averaged per test problem)",
+                direction="increase", treatment="CWM", control="LM as its own world model", target=0.1, primary=False,
+                paper_effect=PAPER_INFERENCE[2][0] - PAPER_INFERENCE[2][1], paper_metric="GridWorld 2-step causal-inference accuracy, CWM - LM",
+                deviations=DEVIATIONS),
+    "1c": Claim(notebook=NB, id="1c", claim="The causal world model beats the LLM-only reasoner (planning, the reference's in-model count)",
+                metric="fraction of h = 2 goals some search node reaches in the planner's own world model (paper protocol)",
+                direction="increase", treatment="MCTS + CWM", control="MCTS + LM as its own world model", target=0.2, primary=False,
+                paper_effect=PAPER_PLANNING[2][0] - PAPER_PLANNING[2][1], paper_metric="GridWorld planning success, 2 steps, CWM - LM",
+                deviations=DEVIATIONS),
+    "2": Claim(notebook=NB, id="2", claim="The advantage grows with the horizon (causal inference)",
+               metric="causal-inference accuracy gap CWM - LM at the longest horizon minus the gap at h = 1 (seed-averaged per test problem)",
+               direction="increase", treatment="gap at the longest horizon", control="gap at h = 1", target=0.05,
+               paper_effect=None, paper_metric="GridWorld: gap 0.563 at h = 1, 0.744 at h = 4, 0.753 at h = 8",
+               deviations=DEVIATIONS),
+}
+
+def item_estimate(treatment: np.ndarray, control: np.ndarray, seed: int = 0):
+    "Per-item paired bootstrap of seed-averaged scores (S, n); with fewer than 100 items, a paired t over the seeds."
+    if treatment.shape[1] >= MIN_N["paired bootstrap"]: return paired_bootstrap(treatment.mean(0), control.mean(0), seed=seed)
+    if treatment.shape[0] >= MIN_N["paired t"]: return paired_t(treatment.mean(1), control.mean(1))
+    raise ValueError(f"claims need >= {MIN_N['paired bootstrap']} test problems or >= {MIN_N['paired t']} seeds, got {treatment.shape[1]} and {treatment.shape[0]}")
+
 
 # %% [markdown]
 # ## Experiment
 #
-# Data: `n_episodes` random-policy episodes, 80% for training, 20% held out. The CRL model is trained on
-# fractions of the training episodes with text actions (the identification curve) and on all of them with
-# coordinate and hybrid actions; the full-data text model is the world model the agent plans with.
+# Load (or, with `retrain=True`, train) every seed's components, then measure: the components on held-out
+# episodes, causal inference on `n_infer` test problems at h = 1, 2, 4 (…), and planning on `n_plan` test
+# goals per horizon under the paper protocol (and the full protocol with `full_protocol=True`), for both
+# world models and every baseline. `wall_s`, `cpu_s` and `load` in the records count the whole notebook.
+
+# %%
+import dataclasses
+import moebook
+import matplotlib.pyplot as plt
+from moebook.core import record_metrics
 
 # %%
 #| slow
-if not 0 < data_fraction < 1: raise ValueError(f"data_fraction must be in (0, 1), got {data_fraction!r}")
-fractions = [data_fraction, 1.0]
-if n_episodes < 5: raise ValueError(f"n_episodes must be >= 5 (train and test episodes), got {n_episodes}")
-seed_everything(seed)
+if setting not in ("smoke", "default", "evidence"): raise ValueError(f"setting must be smoke, default or evidence, got {setting!r}")
+if n_seeds < 1 or max_horizon < 2 or n_plan < 1 or n_infer < 1 or k_samples < 1 or budget_mult < 1:
+    raise ValueError(f"need n_seeds, n_plan, n_infer, k_samples, budget_mult >= 1 and max_horizon >= 2; got {n_seeds}, {n_plan}, {n_infer}, {k_samples}, {budget_mult}, {max_horizon}")
+if min(n_plan, n_infer) < MIN_N["paired bootstrap"] and n_seeds < MIN_N["paired t"]:
+    raise ValueError(f"claims need >= {MIN_N['paired bootstrap']} test problems or >= {MIN_N['paired t']} seeds (n_plan {n_plan}, n_infer {n_infer}, n_seeds {n_seeds})")
+seeds = list(range(seed, seed + n_seeds))
+plan_horizons = [h for h in (2, 4, 8, 16) if h <= max_horizon]
+inf_horizons = [1] + plan_horizons
 dev = pick_device(device)
-data = collect_interactions(n_episodes, episode_len, seed)
-n_train = int(0.8 * n_episodes)
-print(f"{data.frames.shape[0]} episodes x {episode_len} steps, frames {data.frames.shape[2:]}, device {dev}")
-
-# %%
-#| slow
-ae, ae_losses = train_autoencoder(data.frames[:n_train], latent_dim, ae_steps, seed, device=dev, show_progress=progress)
-x_all = encode_frames(ae, data.frames)
-x_mean, x_std = x_all[:n_train].mean((0, 1)), x_all[:n_train].std((0, 1)) + 1e-6
-x_all = (x_all - x_mean) / x_std
-encoder = load_sentence_encoder(str(dev))
-text_table = embed_texts(ALL_ACTION_TEXTS, encoder)  # the cache: every sentence the grammar can produce
-coords_all = action_inputs(data.actions, data.states[:, :-1])
-text_all = text_table[torch.from_numpy(data.text_ids)]
-print(f"autoencoder loss {ae_losses[0]:.4f} -> {ae_losses[-1]:.4f}; cached {len(text_table)} sentence embeddings")
-
-# %%
-#| slow
-states_train, states_test = data.states[:n_train].reshape(-1, 8), data.states[n_train:].reshape(-1, 8)
-
-def fit_mapper(latents):
-    "Stage 1 + stage 2 on training latents (E, T+1, D); held-out R^2 and accuracy per variable."
-    z_train, z_test = latents[:n_train].reshape(-1, latents.shape[-1]), latents[n_train:].reshape(-1, latents.shape[-1])
-    R = r2_matrix(z_train, states_train)
-    mapper = train_mapper(z_train, states_train, assign_latents(R), mapper_steps, seed)
-    pred = mapper.predict(z_test).numpy()
-    return mapper, R, r2_per_variable(pred, states_test), (pred == states_test).mean(0)
-
-runs = {}
-for mode, frac in [("text", f) for f in fractions] + [(m, 1.0) for m in ("coords", "hybrid")]:
-    k = max(1, round(frac * n_train))
-    crl, losses = train_crl(x_all[:k], coords_all[:k], text_all[:k], mode, flow_steps, seed, device=dev, show_progress=progress)
-    with torch.no_grad(): z_all = crl.flow(x_all.reshape(-1, latent_dim).to(dev))[0].cpu().reshape(x_all.shape)
-    mapper, R, r2, acc = fit_mapper(z_all)
-    runs[(mode, frac)] = dict(crl=crl, mapper=mapper, R=R, r2=r2, acc=acc, loss=losses)
-    print(f"{mode:>6} {frac:4.2f} ({k} episodes): NLL {losses[-1]:+.3f}, mean held-out R2 {r2.mean():.3f}, accuracy {acc.mean():.3f}")
-_, _, r2_ae, acc_ae = fit_mapper(x_all)  # reference: the same mapper on the autoencoder's latents (no flow)
-print(f"autoencoder latents: mean held-out R2 {r2_ae.mean():.3f}, accuracy {acc_ae.mean():.3f}")
-
-# %%
-#| slow
-fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
-for j, name in enumerate(VARIABLES):
-    axes[0].plot(fractions, [runs[("text", f)]["r2"][j] for f in fractions], marker="o", label=name)
-axes[0].plot(fractions, [runs[("text", f)]["r2"].mean() for f in fractions], "k--", lw=2, label="mean")
-axes[0].set(xscale="log", xlabel="fraction of training data", ylabel="held-out R²", title="identification (text actions)", ylim=(-0.1, 1.05))
-axes[0].legend(fontsize=6)
-labels = ["text", "coords", "hybrid", "AE (no flow)"]
-vals = [runs[(m, 1.0)]["r2"] for m in ("text", "coords", "hybrid")] + [r2_ae]
-for i, v in enumerate(vals): axes[1].bar(np.arange(8) + i * 0.2, np.clip(v, -0.1, 1), 0.2, label=labels[i])
-axes[1].set(xticks=np.arange(8) + 0.3, ylabel="held-out R²", title="by action input (100% data)", ylim=(-0.1, 1.05))
-axes[1].set_xticklabels(VARIABLES, rotation=45, ha="right", fontsize=7); axes[1].legend(fontsize=7)
-im = axes[2].imshow(runs[("text", 1.0)]["R"].T, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-axes[2].set(yticks=range(8), xlabel="learned latent", title="stage-1 R² matrix (text, 100%)"); axes[2].set_yticklabels(VARIABLES, fontsize=7)
-plt.colorbar(im, ax=axes[2]); plt.tight_layout(); plt.show()
-
-# %% [markdown]
-# The language model learns the same training episodes as text.
-
-# %%
-#| slow
+root = Path(moebook.__file__).resolve().parent.parent
+ckpt_dir = root / "data" / "causal_checkpoints"
 tok = make_tokenizer()
-examples = [(describe_state(data.states[e, t]), ALL_ACTION_TEXTS[data.text_ids[e, t]], describe_state(data.states[e, t + 1]))
-            for e in range(n_train) for t in range(episode_len)]
-lm = build_lm(len(tok), width=lm_width, seed=seed)
-lm_losses = train_lm(lm, tok, examples, lm_steps, seed, device=dev, show_progress=progress)
-print(f"{sum(p.numel() for p in lm.parameters()) / 1e6:.2f}M-parameter LM, {len(examples)} transitions, loss {lm_losses[0]:.3f} -> {np.mean(lm_losses[-20:]):.3f}")
+text_table = embed_texts(ALL_ACTION_TEXTS, load_sentence_encoder(str(dev)))
+cfg = dict(n_episodes=n_episodes, episode_len=episode_len, latent_dim=latent_dim, ae_steps=ae_steps, flow_steps=flow_steps,
+           mapper_steps=mapper_steps, lm_steps=lm_steps, lm_width=lm_width)
+if retrain:
+    trained = {s: train_components(cfg, s, text_table, dev, progress) for s in seeds}
+    comps, curves = {s: c.to(dev) for s, (c, _) in trained.items()}, {s: cv for s, (_, cv) in trained.items()}
+else:
+    manifest = json.loads((ckpt_dir / "manifest.json").read_text())
+    cfg = manifest["config"]  # the training parameters above only apply with retrain=True
+    comps, curves = {s: load_components(ckpt_dir, s, dev) for s in seeds}, {s: manifest["curves"][str(s)] for s in seeds}
+    print(f"loaded checkpoints of seeds {seeds} (commit {str(manifest['commit'])[:10]}, {manifest['command']})")
+cwms = {s: CausalWorldModel(c.ae, c.crl, c.mapper, c.x_mean, c.x_std, text_table, k_samples, seed=s) for s, c in comps.items()}
+print(f"[{_clock.fields()['wall_s']:.0f}s] {len(seeds)} seeds ready on {dev}; training config {cfg}")
 
 # %% [markdown]
-# ### Causal inference: predicting the outcome of `h` actions
+# ### Components
 
 # %%
 #| slow
-best = runs[("text", 1.0)]
-cwm = CausalWorldModel(ae, best["crl"], best["mapper"], x_mean, x_std, text_table)
-horizons = [1, 2, 4, 8]
-problems = make_inference_problems(n_infer, max(horizons), seed + 1000)
-pred_cwm, pred_lm = cwm_rollout(cwm, problems, horizons), lm_rollout(lm, tok, problems, horizons)
-acc_cwm = {h: (pred_cwm[h] == problems.states[:, h]).mean(0) for h in horizons}
-acc_lm = {h: (pred_lm[h] == problems.states[:, h]).mean(0) for h in horizons}
-exact_cwm = {h: (pred_cwm[h] == problems.states[:, h]).all(1).mean() for h in horizons}
-exact_lm = {h: (pred_lm[h] == problems.states[:, h]).all(1).mean() for h in horizons}
-print("h  | CWM var-acc | LM var-acc | CWM exact | LM exact")
-for h in horizons: print(f"{h:<3}| {acc_cwm[h].mean():11.3f} | {acc_lm[h].mean():10.3f} | {exact_cwm[h]:9.3f} | {exact_lm[h]:8.3f}")
-
-# %% [markdown]
-# ### Planning: reaching a goal state in `h` actions
-#
-# Both planners run the same MCTS with the same LM proposals; only the simulator differs.
-
-# %%
-#| slow
-lm_propose = lambda states: lm_action_scores(lm, tok, [s if isinstance(s, str) else cwm.describe(s[None])[0] for s in states])
-plan_horizons, success_cwm, success_lm = [2, 4, 8], {}, {}
-for h in plan_horizons:
-    frames0, starts, goals = make_planning_problems(n_plan, h, seed + 2000 + h)
-    z0 = cwm.encode(frames0)
-    plans_cwm = [mcts_plan(z0[i], goals[i], h, *cwm.planner(lm_propose), n_iters=mcts_iters_per_step * h)
-                 for i in progress_bar(range(n_plan), progress, desc=f"CWM plans h={h}")]
-    plans_lm = [mcts_plan(describe_state(starts[i]), goals[i], h, *lm_planner(lm, tok, lm_propose), n_iters=mcts_iters_per_step * h)
-                for i in progress_bar(range(n_plan), progress, desc=f"LM plans h={h}")]
-    success_cwm[h], success_lm[h] = plan_success(plans_cwm, starts, goals).mean(), plan_success(plans_lm, starts, goals).mean()
-    print(f"h={h}: success CWM {success_cwm[h]:.2f}, LM as world model {success_lm[h]:.2f}")
+check = collect_interactions(200, 5, COMPONENT_SEED)
+check_frames, check_states = check.frames.reshape(-1, *check.frames.shape[2:]), check.states.reshape(-1, len(VARIABLES))
+perception = {s: perception_accuracy(cwms[s], check_frames, check_states) for s in seeds}
+trans = {s: transition_accuracy(cwms[s], check) for s in seeds}
+heldout = lm_examples(check)[:500]
+lm_held = {s: (lm_loss(comps[s].lm, tok, heldout), lm_loss(comps[s].lm_shuffled, tok, heldout)) for s in seeds}
+print("perception, held-out per-variable accuracy:")
+for s in seeds: print(f"  seed {s}: " + " ".join(f"{n} {a:.3f}" for n, a in zip(VARIABLES, perception[s])))
+for s in seeds:
+    t = trans[s]
+    print(f"seed {s}: 1-step accuracy on affected variables CWM {t['cwm_affected']:.3f} vs copy {t['copy_affected']:.3f} "
+          f"(all variables {t['cwm_all']:.3f} vs {t['copy_all']:.3f}); LM held-out loss {lm_held[s][0]:.3f} vs shuffled-state twin {lm_held[s][1]:.3f}")
+pre_perception = Precondition(f"CWM perception: held-out per-variable accuracy, worst of 8 variables x {len(seeds)} seeds",
+                              float(min(p.min() for p in perception.values())), ">=", MIN_PERCEPTION)
+pre_transition = Precondition("CWM 1-step accuracy minus copy's on the affected variables (worst seed)",
+                              float(min(t["cwm_affected"] - t["copy_affected"] for t in trans.values())), ">", 0.0)
+pre_lm = Precondition("LM uses the state: shuffled-state twin's held-out loss minus the LM's (worst seed)",
+                      float(min(b - a for a, b in lm_held.values())), ">", 0.0)
+print(f"[{_clock.fields()['wall_s']:.0f}s] components measured")
 
 # %%
 #| slow
-fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
-axes[0].plot(horizons, [acc_cwm[h].mean() for h in horizons], "o-", label="causal world model")
-axes[0].plot(horizons, [acc_lm[h].mean() for h in horizons], "s-", label="LM as world model")
-axes[0].plot(horizons, [exact_cwm[h] for h in horizons], "o:", c="C0", label="CWM, whole state exact")
-axes[0].plot(horizons, [exact_lm[h] for h in horizons], "s:", c="C1", label="LM, whole state exact")
-axes[0].set(xscale="log", xticks=horizons, xticklabels=horizons, xlabel="steps h", ylabel="accuracy", title="causal inference", ylim=(0, 1.05))
+fig, axes = plt.subplots(1, 3, figsize=(15, 3.6))
+for s in seeds:
+    c = curves[s]; x = np.arange(1, len(c["lm_heldout"]) + 1) * (cfg["lm_steps"] / len(c["lm_heldout"]))
+    axes[0].plot(np.arange(len(c["lm"])) * 25, c["lm"], c="C0", alpha=0.3, lw=0.8)
+    axes[0].plot(x, c["lm_heldout"], "o-", c="C0", ms=3, label="LM, held-out" if s == seeds[0] else None)
+    axes[0].plot(x, c["lm_shuffled_heldout"], "s-", c="C3", ms=3, label="shuffled-state twin, held-out" if s == seeds[0] else None)
+axes[0].set(xlabel="LM training step", ylabel="next-state loss (nats/token)", yscale="log", title="LM convergence (faint: training loss; every seed)")
 axes[0].legend(fontsize=7)
-w = 0.35
-axes[1].bar(np.arange(3) - w / 2, [success_cwm[h] for h in plan_horizons], w, label="MCTS + causal world model")
-axes[1].bar(np.arange(3) + w / 2, [success_lm[h] for h in plan_horizons], w, label="MCTS + LM as world model")
-axes[1].set(xticks=range(3), xticklabels=[f"h={h}" for h in plan_horizons], ylabel="success rate", title=f"planning ({n_plan} goals each)", ylim=(0, 1.05))
-axes[1].legend(fontsize=7); plt.tight_layout(); plt.show()
+w = 0.8 / len(seeds)
+for i, s in enumerate(seeds): axes[1].bar(np.arange(8) + i * w, perception[s], w, label=f"seed {s}")
+axes[1].axhline(MIN_PERCEPTION, c="k", ls="--", lw=0.8)
+axes[1].set(xticks=np.arange(8) + 0.4 - w / 2, ylabel="held-out accuracy", title="CWM perception (decoded from frames)",
+            ylim=(min(0.0, min(p.min() for p in perception.values()) - 0.05), 1.02))
+axes[1].set_xticklabels(VARIABLES, rotation=45, ha="right", fontsize=7); axes[1].legend(fontsize=7)
+names = ["CWM (affected)", "copy (affected)", "CWM (all)", "copy (all)"]
+for i, s in enumerate(seeds):
+    t = trans[s]; axes[2].bar(np.arange(4) + i * w, [t["cwm_affected"], t["copy_affected"], t["cwm_all"], t["copy_all"]], w, label=f"seed {s}")
+axes[2].set(xticks=np.arange(4) + 0.4 - w / 2, ylabel="1-step accuracy", title=f"CWM transition, {k_samples} prior samples (majority vote)", ylim=(0, 1.02))
+axes[2].set_xticklabels(names, fontsize=8); axes[2].legend(fontsize=7)
+plt.tight_layout(); plt.show()
+
+# %% [markdown]
+# The identification panel: how well each variable is recovered from the learned causal latents (held-out
+# $R^2$ of the mapper's decoded values, every seed; no clipping, so a negative $R^2$ shows as one) and the
+# stage-1 matrix of single-latent $R^2$ (seed `seed`).
 
 # %%
 #| slow
-print("per-variable causal-inference accuracy at h=8 (CWM / LM):")
-for j, name in enumerate(VARIABLES): print(f"  {name:<13} {acc_cwm[8][j]:.2f} / {acc_lm[8][j]:.2f}")
+r2 = {}
+for s in seeds:
+    with torch.no_grad():
+        x = (encode_frames(comps[s].ae, check_frames) - comps[s].x_mean.cpu()) / comps[s].x_std.cpu()
+        z = comps[s].crl.flow(x.to(dev))[0].cpu()
+    r2[s] = (r2_per_variable(comps[s].mapper.predict(z).numpy(), check_states), r2_matrix(z, check_states))
+fig, axes = plt.subplots(1, 2, figsize=(13, 3.6))
+for i, s in enumerate(seeds): axes[0].bar(np.arange(8) + i * w, r2[s][0], w, label=f"seed {s}")
+lo = min(0.0, min(v[0].min() for v in r2.values()))
+axes[0].set(xticks=np.arange(8) + 0.4 - w / 2, ylabel="held-out R²", title="identification: mapper's decoded variables", ylim=(lo - 0.05, 1.05))
+axes[0].set_xticklabels(VARIABLES, rotation=45, ha="right", fontsize=7); axes[0].axhline(0, c="k", lw=0.6); axes[0].legend(fontsize=7)
+im = axes[1].imshow(r2[seeds[0]][1].T, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+axes[1].set(yticks=range(8), xlabel="learned latent", title=f"stage-1 single-latent R² (seed {seeds[0]})"); axes[1].set_yticklabels(VARIABLES, fontsize=7)
+plt.colorbar(im, ax=axes[1]); plt.tight_layout(); plt.show()
+
+# %% [markdown]
+# ### Causal inference and planning
+#
+# *Causal inference*: `n_infer` test problems, each scored at every horizon. *Planning*: `n_plan` test goals
+# per horizon; both learned planners and the perfect simulator run the same search with the same budget, the
+# all-no-op and random plans need no search. Primary success executes the plan in the true environment;
+# "in model" is the reference's count (a search node reached the goal in the planner's own world model).
+# Each seed's CWM and LM are evaluated in their own worker process on a CPU (`paired_runs`; the seeds are
+# independent, and every seed sees the same problems).
+
+# %%
+#| slow
+inf = make_inference_problems(n_infer, max(inf_horizons), TEST_SEED)
+protocols = {p.name: p for p in [PAPER] + ([FULL] if full_protocol else [])}
+problems = {(name, h): make_planning_problems(n_plan, h, TEST_SEED + 100 * h + (1 if p is FULL else 0), p) for name, p in protocols.items() for h in plan_horizons}
+
+def evaluate_seed(_variant: str, s: int) -> dict:
+    "Causal inference and planning with seed `s`'s CWM and LM: per-problem scores."
+    pred_cwm, pred_lm = cwm_rollout(cwms[s], inf, inf_horizons), lm_rollout(comps[s].lm, tok, inf, inf_horizons)
+    perceived = cwms[s].decode(cwms[s].encode(inf.frames))
+    out = {"inference": {h: {"CWM": problem_accuracy(pred_cwm[h], inf.states[:, h]), "LM": problem_accuracy(pred_lm[h], inf.states[:, h]),
+                             "perceive-then-copy": problem_accuracy(perceived, inf.states[:, h])} for h in inf_horizons}, "planning": {}}
+    for (name, h), P in problems.items():
+        proto, budget = protocols[name], planning_budget(protocols[name], h, budget_mult)
+        plans, inm = mcts_plan(list(cwms[s].encode(P.frames)), P.goals, h, *cwms[s].simulator(), proto, budget)
+        r = {"CWM": executed_success(plans, P, proto), "CWM (in model)": inm}
+        plans, inm = mcts_plan([describe_state(x) for x in P.starts], P.goals, h, *lm_simulator(comps[s].lm, tok), proto, budget)
+        out["planning"][f"{name} {h}"] = r | {"LM": executed_success(plans, P, proto), "LM (in model)": inm}
+    return out
+
+workers = min(2, len(seeds)) if dev.type == "cpu" else 1
+res = paired_runs(evaluate_seed, ["evaluate"], seeds, workers=workers,
+                  progress=lambda done, total, v, s: print(f"[{_clock.fields()['wall_s']:.0f}s] seed {s} evaluated ({done}/{total})"))
+res = [res[("evaluate", s)] for s in seeds]
+acc = {m: {h: np.array([r["inference"][str(h)][m] for r in res]) for h in inf_horizons} for m in ("CWM", "LM", "perceive-then-copy")}
+acc["copy"] = {h: np.tile(problem_accuracy(inf.states[:, 0], inf.states[:, h]), (len(seeds), 1)) for h in inf_horizons}
+print(f"causal inference on {n_infer} test problems x {len(seeds)} seeds (mean per-variable accuracy)")
+print("h  | " + " | ".join(f"{m:>18}" for m in acc))
+for h in inf_horizons: print(f"{h:<3}| " + " | ".join(f"{acc[m][h].mean():18.3f}" for m in acc))
+plan = {}
+for (name, h), P in problems.items():
+    proto, budget = protocols[name], planning_budget(protocols[name], h, budget_mult)
+    r = dict(budget=budget)
+    plans, r["perfect (in model)"] = mcts_plan(list(P.starts), P.goals, h, *true_simulator(), proto, budget)
+    r["perfect"] = executed_success(plans, P, proto)
+    r["all no-op"] = executed_success(noop_plans(P), P, proto)
+    r["random plan"] = executed_success(random_plans(P, proto, TEST_SEED + h), P, proto)
+    r |= {m: np.array([x["planning"][f"{name} {h}"][m] for x in res]) for m in ("CWM", "CWM (in model)", "LM", "LM (in model)")}
+    plan[(name, h)] = r
+    print(f"{name} protocol, h={h}, {budget} expansions: " + ", ".join(f"{k} {np.mean(v):.3f}" for k, v in r.items() if k != "budget"))
+print(f"[{_clock.fields()['wall_s']:.0f}s] done")
+
+
+# %%
+#| slow
+def band(x):
+    "Mean and 95 % bootstrap CI over problems of seed-averaged scores (S, n) or one run's (n,)."
+    x = np.atleast_2d(np.asarray(x, float)).mean(0)
+    e = paired_bootstrap(x, np.zeros_like(x)) if len(x) >= MIN_N["paired bootstrap"] else None
+    return x.mean(), (e.ci if e else (np.nan, np.nan))
+
+fig, axes = plt.subplots(1, 1 + len(protocols), figsize=(5.5 * (1 + len(protocols)), 3.8))
+styles = {"CWM": ("o-", "C0"), "LM": ("s-", "C1"), "copy": ("--", "k"), "perceive-then-copy": (":", "C2"), "perfect": ("^-", "C4"),
+          "all no-op": ("--", "C7"), "random plan": (":", "C8"), "CWM (in model)": ("o--", "C0"), "LM (in model)": ("s--", "C1")}
+for m in acc:
+    mb = [band(acc[m][h]) for h in inf_horizons]
+    axes[0].plot(inf_horizons, [b[0] for b in mb], styles[m][0], c=styles[m][1], label=m)
+    axes[0].fill_between(inf_horizons, [b[1][0] for b in mb], [b[1][1] for b in mb], color=styles[m][1], alpha=0.15)
+axes[0].plot(list(PAPER_INFERENCE), [v[0] for v in PAPER_INFERENCE.values()], "x", c="C0", alpha=0.5, label="paper CWM")
+axes[0].plot(list(PAPER_INFERENCE), [v[1] for v in PAPER_INFERENCE.values()], "x", c="C1", alpha=0.5, label="paper LM")
+axes[0].set(xscale="log", xticks=inf_horizons, xticklabels=inf_horizons, xlabel="steps h", ylabel="per-variable accuracy",
+            title=f"causal inference ({n_infer} test problems, {len(seeds)} seeds)", ylim=(0, 1.02))
+axes[0].minorticks_off(); axes[0].legend(fontsize=7)
+for ax, proto in zip(axes[1:], protocols.values()):
+    for m in ("perfect", "CWM", "CWM (in model)", "LM", "LM (in model)", "all no-op", "random plan"):
+        mb = [band(plan[(proto.name, h)][m]) for h in plan_horizons]
+        ax.plot(plan_horizons, [b[0] for b in mb], styles[m][0], c=styles[m][1], label=m)
+        ax.fill_between(plan_horizons, [b[1][0] for b in mb], [b[1][1] for b in mb], color=styles[m][1], alpha=0.12)
+    if proto is PAPER:
+        ax.plot([h for h in PAPER_PLANNING if h in plan_horizons], [PAPER_PLANNING[h][0] for h in PAPER_PLANNING if h in plan_horizons], "x", c="C0", alpha=0.5, label="paper CWM")
+        ax.plot([h for h in PAPER_PLANNING if h in plan_horizons], [PAPER_PLANNING[h][1] for h in PAPER_PLANNING if h in plan_horizons], "x", c="C1", alpha=0.5, label="paper LM")
+    ax.set(xticks=plan_horizons, xlabel="horizon h", ylabel="success rate", ylim=(-0.02, 1.02),
+           title=f"planning, {proto.name} protocol ({n_plan} goals, budget {budget_mult}·b·h)")
+    ax.legend(fontsize=7)
+plt.tight_layout(); plt.show()
 
 # %% [markdown]
 # ## Claim check
 
 # %%
-from IPython.display import Markdown, display
+#| slow
+H = max(inf_horizons)
+p2 = plan[("paper", 2)]
+pre_planner = Precondition("perfect simulator solves h = 2 goals (paper protocol, this budget)", float(p2["perfect"].mean()), ">=", MIN_PERFECT_H2)
+comp_pre = [pre_perception, pre_transition, pre_lm]
+per_seed = lambda x: [round(float(v), 4) for v in np.atleast_2d(x).mean(1)]
+plan_base = {"perfect simulator (ceiling)": float(p2["perfect"].mean()), "all no-op plan": float(p2["all no-op"].mean()),
+             "random plan": float(p2["random plan"].mean()), "CWM": float(p2["CWM"].mean()), "LM": float(p2["LM"].mean()),
+             "CWM in model": float(p2["CWM (in model)"].mean()), "LM in model": float(p2["LM (in model)"].mean()),
+             **{f"perfect simulator h={h} (ceiling)": float(plan[("paper", h)]["perfect"].mean()) for h in plan_horizons if h > 2}}
+inf_base = {f"{m} h={h}": float(acc[m][h].mean()) for m in acc for h in (1, 2)}
+gap = {h: acc["CWM"][h] - acc["LM"][h] for h in inf_horizons}
+paper_gap = lambda h: PAPER_INFERENCE[h][0] - PAPER_INFERENCE[h][1]
+claims = [
+    dataclasses.replace(CLAIMS["1"].with_estimate(item_estimate(p2["CWM"].astype(float), p2["LM"].astype(float), seed)),
+                        baselines=plan_base | {"CWM per seed": per_seed(p2["CWM"]), "LM per seed": per_seed(p2["LM"])},
+                        preconditions=comp_pre + [pre_planner]),
+    dataclasses.replace(CLAIMS["1b"].with_estimate(item_estimate(acc["CWM"][2], acc["LM"][2], seed)),
+                        baselines=inf_base | {"CWM per seed": per_seed(acc["CWM"][2]), "LM per seed": per_seed(acc["LM"][2])},
+                        preconditions=comp_pre),
+    dataclasses.replace(CLAIMS["1c"].with_estimate(item_estimate(p2["CWM (in model)"].astype(float), p2["LM (in model)"].astype(float), seed)),
+                        baselines=plan_base, preconditions=comp_pre + [pre_planner]),
+    dataclasses.replace(CLAIMS["2"].with_estimate(item_estimate(gap[H], gap[1], seed)), treatment=f"gap at h = {H}",
+                        paper_effect=round(paper_gap(H) - paper_gap(1), 3) if H in PAPER_INFERENCE else None,
+                        baselines={f"gap h={h}": float(gap[h].mean()) for h in inf_horizons} | {f"copy h={h}": float(acc["copy"][h].mean()) for h in inf_horizons},
+                        preconditions=comp_pre),
+]
+params = {k: globals()[k] for k in ("seed", "n_seeds", "retrain", "max_horizon", "full_protocol", "n_plan", "n_infer", "budget_mult", "k_samples")} | {"training": cfg}
+record_metrics(perception={s: p.tolist() for s, p in perception.items()}, transition=trans, lm_heldout_loss=lm_held,
+               inference_accuracy={m: {h: v.mean(1).tolist() for h, v in d.items()} for m, d in acc.items()},
+               planning={f"{p}_h{h}": {k: (np.mean(v, -1).tolist() if k != "budget" else v) for k, v in r.items()} for (p, h), r in plan.items()})
+records = show_claims(claims, setting=setting, seeds=seeds, params=params, device=str(dev), **_clock.fields())
+for r in records: print(f"claim {r['id']}: {r['verdict']} - {r['reason']}")
+
+# %% [markdown]
+# **Reading the verdicts.** A verdict of `not testable here` names the component that failed its check: the
+# comparison is then not evidence about causal world models, whatever the effect's sign. The lines below
+# print the checks and the baselines the effects must be read against (from this run's variables).
 
 # %%
 #| slow
-paper_inference = {1: (0.954, 0.391), 2: (0.922, 0.220), 4: (0.829, 0.085), 8: (0.758, 0.005)}
-paper_planning = {2: (0.95, 0.20), 4: (0.73, 0.11), 8: (0.42, 0.06)}
-gap_inf = {h: acc_cwm[h].mean() - acc_lm[h].mean() for h in horizons}
-gap_plan = {h: success_cwm[h] - success_lm[h] for h in plan_horizons}
-beats = all(g > 0 for g in gap_inf.values()) and all(g >= 0 for g in gap_plan.values()) and sum(gap_plan.values()) > 0
-grows_inf = gap_inf[8] > gap_inf[1]
-grows_plan = gap_plan[8] > gap_plan[2]
-verdict = lambda ok, strong: ("supported" if ok else "not supported") + ("" if strong else " (inconclusive at this scale)")
-small = n_plan < 20 or n_infer < 50
-rows = [("Identification R² grows with data (paper: 0.39 at 0.3% -> 0.99 at 100%)",
-         f"{runs[('text', fractions[0])]['r2'].mean():.2f} at {fractions[0]:.0%} -> {runs[('text', fractions[-1])]['r2'].mean():.2f} at {fractions[-1]:.0%}",
-         verdict(runs[("text", fractions[-1])]["r2"].mean() > runs[("text", fractions[0])]["r2"].mean(), True))]
-for h in horizons:
-    rows.append((f"Causal inference h={h}: CWM vs LM (paper {paper_inference[h][0]:.3f} vs {paper_inference[h][1]:.3f})",
-                 f"{acc_cwm[h].mean():.3f} vs {acc_lm[h].mean():.3f} (exact state {exact_cwm[h]:.2f} vs {exact_lm[h]:.2f})", ""))
+for pre in (pre_perception, pre_transition, pre_lm, pre_planner):
+    print(f"{'met    ' if pre.met else 'NOT met'}  {pre.name}: {pre.value:.3f} (needs {pre.op} {pre.required:g})")
 for h in plan_horizons:
-    rows.append((f"Planning h={h}: CWM vs LM (paper {paper_planning[h][0]:.2f} vs {paper_planning[h][1]:.2f})",
-                 f"{success_cwm[h]:.2f} vs {success_lm[h]:.2f}", ""))
-rows.append(("(1) The causally-aware agent beats the LLM-only reasoner", f"inference gaps {[round(float(g), 3) for g in gap_inf.values()]}, planning gaps {[round(float(g), 2) for g in gap_plan.values()]}", verdict(beats, not small)))
-rows.append(("(2) The gap grows with the horizon", f"inference gap h=1 {gap_inf[1]:+.3f} -> h=8 {gap_inf[8]:+.3f}; planning gap h=2 {gap_plan[2]:+.2f} -> h=8 {gap_plan[8]:+.2f}",
-             verdict(grows_inf and grows_plan, not small)))
-display(Markdown("| claim (paper) | ours | verdict |\n|---|---|---|\n" + "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)))
-print(f"Scale: {n_episodes} episodes x {episode_len} steps of 32x32 frames, {latent_dim} latents, {flow_steps} flow steps, "
-      f"a {sum(p.numel() for p in lm.parameters()) / 1e6:.2f}M-parameter GPT-2 trained {lm_steps} steps on {len(examples)} transitions, "
-      f"{n_infer} inference problems, {n_plan} planning goals per horizon, {mcts_iters_per_step} MCTS expansions per step. "
-      "The paper uses a pretrained LLM that never saw the environment and a far larger CRL model and data set; here the LM is trained on the same episodes.")
-record_metrics(identification_r2={f"{m}_{f}": float(r["r2"].mean()) for (m, f), r in runs.items()},
-               identification_r2_per_variable={name: float(v) for name, v in zip(VARIABLES, runs[("text", 1.0)]["r2"])},
-               ae_latents_r2=float(r2_ae.mean()),
-               inference_acc_cwm={h: float(acc_cwm[h].mean()) for h in horizons}, inference_acc_lm={h: float(acc_lm[h].mean()) for h in horizons},
-               inference_exact_cwm={h: float(exact_cwm[h]) for h in horizons}, inference_exact_lm={h: float(exact_lm[h]) for h in horizons},
-               planning_success_cwm={h: float(success_cwm[h]) for h in plan_horizons}, planning_success_lm={h: float(success_lm[h]) for h in plan_horizons},
-               claim_beats=bool(beats), claim_gap_grows=bool(grows_inf and grows_plan), lm_final_loss=float(np.mean(lm_losses[-20:])))
+    r = plan[("paper", h)]
+    print(f"planning h={h}, paper protocol: CWM {r['CWM'].mean():.3f} (in model {r['CWM (in model)'].mean():.3f}), LM {r['LM'].mean():.3f} "
+          f"(in model {r['LM (in model)'].mean():.3f}); perfect simulator {r['perfect'].mean():.3f}, all no-op {r['all no-op'].mean():.3f}, random plan {r['random plan'].mean():.3f}")
+for h in inf_horizons:
+    print(f"inference h={h}: CWM {acc['CWM'][h].mean():.3f}, LM {acc['LM'][h].mean():.3f}; copy {acc['copy'][h].mean():.3f}, "
+          f"perceive-then-copy {acc['perceive-then-copy'][h].mean():.3f} (paper: CWM, LM {PAPER_INFERENCE.get(h, '-')})")
 
 # %% [markdown]
-# **Reading the verdicts.** The world model predicts single variables far better than the LM one step ahead
-# (0.61 vs 0.29 per-variable accuracy at h=1 in the committed run), but its errors compound: by h=8 it is
-# level with the LM, so the gap *shrinks* with the horizon where the paper's grows. Neither model ever gets a
-# whole 8-variable state exactly right (exact-state accuracy 0 at every horizon), and a plan only counts when
-# the whole goal state is reached in the true environment, so both planners almost never succeed (1 of 20
-# goals at h=2, none beyond). With the identification R² at 0.34 for all data (the paper: 0.99), the weak link
-# is the causal representation; the parameters `n_episodes`, `ae_steps`, `flow_steps` and `mcts_iters_per_step`
-# are where a GPU run would start.
+# ### Discussion
+#
+# **Is it a test?** The four preconditions printed above are what make the comparison mean something: the
+# CWM perceives every variable of the start frame (≥ 0.95 on each of the 8, every seed), its transition beats
+# "nothing changes" on the variables an action affects, the LM reads the state it is given (its held-out loss
+# is below its shuffled-state twin's), and a perfect simulator solves the h = 2 goals at the search budget the
+# world models get, so a failed plan is the world model's fault, not the planner's. When all four hold, the
+# verdicts are about the world models.
+#
+# **What the defaults show** (the table and the two figures above). The CWM beats the LM-as-world-model in
+# planning (executed in the true environment) and in causal inference, with intervals far from zero, so
+# claim 1 holds in direction; its size is much smaller than the paper's because our LM is not a prompted,
+# pretrained LLM but a small GPT-2 trained on the same interaction data as the CWM — a far stronger baseline
+# than the paper's few-shot LLM, which stays near chance beyond one step. Claim 2 fails here for the same
+# reason: both world models roll out their own predictions, both accumulate errors, and the gap between
+# them narrows with the horizon instead of widening; the paper's widening gap comes from an LM that cannot
+# simulate at all. The in-model success count (claim 1c, the reference code's own count) is higher than the
+# executed one for the CWM: the planner finds goals that the CWM imagines but the environment does not reach,
+# which is why the executed success is the primary metric.
+#
+# **Limits.** Three seeds of committed components (retraining is `retrain=True`; the manifest records how long
+# the committed training took); h = 8 and the full protocol (all 14 actions, exact match) are parameters, not part of the default;
+# the LM is a trained small model, not an LLM, so the comparison is "causal world model vs a learned
+# text simulator", one step removed from the paper's.

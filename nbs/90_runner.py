@@ -31,7 +31,7 @@
 # %%
 #| export
 from __future__ import annotations
-import argparse, ast, datetime as dt, difflib, hashlib, itertools, json, os, platform, signal, subprocess, sys, threading, time
+import argparse, ast, datetime as dt, difflib, hashlib, itertools, json, os, platform, signal, sys, threading, time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -262,14 +262,13 @@ INLINE_ENV = {"MPLBACKEND": "module://matplotlib_inline.backend_inline"}
 
 def environment_info(repo: Path) -> dict[str, Any]:
     "Git commit (and whether the tree had uncommitted changes), Python and package versions."
-    def git(*args):
-        try: return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=20).stdout.strip() or None
-        except (OSError, subprocess.SubprocessError): return None
+    from moebook.evidence import provenance
+    git = provenance(repo)
     versions = {}
     for pkg in VERSIONED:
         try: versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError: versions[pkg] = None
-    return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+    return {"git_commit": git["commit"], "git_dirty": bool(git["dirty"]),
             "python": platform.python_version(), "platform": platform.platform(), "versions": versions}
 
 def run_id(params: dict[str, Any], when: dt.datetime) -> str:

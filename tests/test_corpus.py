@@ -121,8 +121,8 @@ def test_bad_input_is_refused_with_clear_errors(small_corpus):
     with pytest.raises(ValueError, match="seq_len=1000000 is larger than"): c.global_batch(0, 4, 2, 10**6)
     with pytest.raises(ValueError, match="weights must sum to 1"): c.mixture_batch({"code": 0.5}, 0)
     with pytest.raises(ValueError, match="must be a finite number"): c.mixture_batch({"code": float("nan")}, 0)
-    with pytest.raises(ValueError, match="n_micro must be a positive int"): c.global_batch(0, 0, 2, 16)
-    with pytest.raises(ValueError, match="step must be a non-negative int"): c.domain_batch("code", step=-1)
+    with pytest.raises(ValueError, match="n_micro must be >= 1"): c.global_batch(0, 0, 2, 16)
+    with pytest.raises(ValueError, match="step must be >= 0"): c.domain_batch("code", step=-1)
     with pytest.raises(TypeError, match="recipe must be a CorpusRecipe"): load_corpus({"vocab_size": 10})
     with pytest.raises(FileNotFoundError, match="no corpus"): Corpus(ROOT / "nonexistent")
 

@@ -222,3 +222,32 @@ def test_readme_claim_table_is_generated_from_the_ledger():
     from moebook.site import links_from_root  # the README sits at the root: its links point into nbs/
     readme = (ROOT / "README.md").read_text()
     assert links_from_root(ev.readme_ledger(ROOT)) in readme, "README.md's claim table differs from the committed notebooks' records: run `moebook readme`"
+
+
+def test_sealed_runs_are_checked_and_reused_read_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(ev, "provenance", lambda root=None: {"commit": "c0ffee", "dirty": False})  # no git process in the fast tests
+    runs = tmp_path / "runs"
+    calls = []
+    def fn(v, s):
+        calls.append((v, s)); return {"score": s + (v == "B")}
+    first = ev.paired_runs(fn, ["A", "B"], [0, 1, 2], {"k": 1}, cache_dir=runs)
+    m = ev.seal_runs(runs, "python make_runs.py")
+    assert m["command"] == "python make_runs.py" and len(m["files"]) == 6 and "commit" in m
+    assert ev.sealed_runs(runs)["files"] == m["files"]
+    assert ev.seal_runs(runs, "python make_runs.py", made_at={"commit": "abc", "dirty": False})["commit"] == "abc"
+    with pytest.raises(ev.EvidenceError, match="made_at"): ev.seal_runs(runs, "x", made_at={"commit": "abc"})
+    calls.clear()
+    assert ev.paired_runs(fn, ["A", "B"], [0, 1, 2], {"k": 1}, reuse=[runs]) == first and calls == []  # all from the sealed folder
+    ev.paired_runs(fn, ["A", "B"], [0, 1, 2], {"k": 2}, reuse=[runs])  # another config: nothing matches, every run is made
+    assert len(calls) == 6 and len(list(runs.glob("*.json"))) == 7  # and nothing was written into the sealed folder
+    victim = runs / sorted(m["files"])[0]
+    victim.write_text('{"score": 99}')
+    with pytest.raises(ev.EvidenceError, match="SHA-256 differs"): ev.sealed_runs(runs)
+    victim.unlink()
+    with pytest.raises(ev.EvidenceError, match="missing"): ev.sealed_runs(runs)
+    (runs / "extra.json").write_text("{}")
+    with pytest.raises(ev.EvidenceError, match="not in the manifest"): ev.sealed_runs(runs)
+    (runs / "manifest.json").unlink()
+    with pytest.raises(ev.EvidenceError, match="no manifest"): ev.sealed_runs(runs)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ev.EvidenceError, match="no run results"): ev.seal_runs(tmp_path / "empty", "x")

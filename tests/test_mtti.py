@@ -1,5 +1,5 @@
-"Package tests for moebook.mtti: data, lexicons, MT error profiles, EnsAd, pipeline round trip, FID, bad input."
-import itertools, json
+"Package tests for moebook.mtti: data, lexicons, MT error profiles, EnsAd, pipeline round trip, the metrics, bad input."
+import itertools, json, socket
 from pathlib import Path
 
 import numpy as np
@@ -7,10 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moebook.mtti import (ATTRIBUTES, EN_SYNONYMS, LANGUAGES, LEXICONS, MT_SYSTEMS, TEMPLATES, CaptionedScenes, DDIMScheduler,
-                          EnsembleAdapter, MTSystem, MTTIPipeline, build_tokenizer, dataset_manifest, denoising_loss,
-                          fid_from_features, frechet_distance, freeze, make_dataset, mt_error_rates, new_caption_encoder,
-                          new_sampler, new_scheduler, new_unet, parse_caption, realise, render_scene, sample_images, scene_dict)
+import scipy.linalg
+from moebook.mtti import (ATTRIBUTES, EN_SYNONYMS, EVAL_DATA_SEED, LANGUAGES, LEXICONS, MT_SYSTEMS, TEMPLATES, CaptionedScenes,
+                          DDIMScheduler, EnsembleAdapter, EvalFeatures, MTSystem, MTTIPipeline, attribute_accuracy, build_tokenizer,
+                          dataset_manifest, denoising_loss, eval_dir, frechet_distance, frechet_metric, freeze, load_eval_network,
+                          make_dataset, mt_error_rates, new_caption_encoder, new_sampler, new_scheduler, new_unet, parse_caption, realise,
+                          render_scene, sample_images, scene_dict, train_eval_network, unk_rate)
 
 ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
@@ -139,16 +141,111 @@ def test_pipeline_save_load_round_trip(tmp_path):
     assert len(loaded(d.captions["ru"][0], language="ru", num_inference_steps=2, output_type="pil").images) == 1
 
 
-def test_frechet_distance_known_gaussians():
+class _Passthrough(torch.nn.Module):
+    "A 'feature extractor' that hands the metric its input rows: the features are what we sample."
+    num_features = 4
+    def forward(self, x): return x.double()
+
+
+def _scipy_frechet(a: np.ndarray, b: np.ndarray) -> float:
+    "The reference formula with scipy's matrix square root, from two samples."
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real))
+
+
+def test_torchmetrics_frechet_matches_scipy_offline(monkeypatch):
+    def no_network(*a, **k): raise OSError("network blocked by the test")
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(4, 4, generator=g)
+    x, y = torch.randn(5000, 4, generator=g), torch.randn(5000, 4, generator=g) @ A + torch.tensor([1.0, -2.0, 0.0, 0.5])
+    metric = frechet_metric(_Passthrough())
+    metric.update(x, real=True); metric.update(y, real=False)
+    got = float(metric.compute())
+    assert got == pytest.approx(_scipy_frechet(x.double().numpy(), y.double().numpy()), rel=1e-6)
+    # and the population value of the two known Gaussians: N(0, I) vs N(m, A^T A)
+    S = (A.T @ A).double().numpy()
+    closed = 1 + 4 + 0 + 0.25 + 4 + np.trace(S) - 2 * np.trace(scipy.linalg.sqrtm(S).real)
+    assert got == pytest.approx(closed, rel=0.05)
+    # reset keeps the real statistics: the same fake sample gives the same distance
+    metric.reset(); metric.update(y, real=False)
+    assert float(metric.compute()) == pytest.approx(got, rel=1e-9)
+
+
+@pytest.fixture(scope="module")
+def eval_net():
+    return load_eval_network()
+
+
+def test_committed_eval_network_matches_its_manifest_and_reads_real_images(eval_net):
+    clf, man = eval_net
+    assert man["data_seed"] == EVAL_DATA_SEED and man["command"] and man["commit"]
+    assert (eval_dir() / man["file"]).stat().st_size < 1_000_000
+    real = make_dataset(1000, 5)  # a seed the experiments use: images disjoint from the network's training images
+    acc = attribute_accuracy(clf, real.images, real.scenes)
+    assert acc["all"] >= 0.85 and acc["colour"] > 0.98, acc
+
+
+def test_metrics_move_the_right_way_under_blur_and_attribute_swap(eval_net):
+    clf, _ = eval_net
+    metric = frechet_metric(EvalFeatures(clf))
+    metric.update(make_dataset(1000, 20).images, real=True)
+    real = make_dataset(500, 21)
+    floor = [frechet_distance(metric, make_dataset(500, 22 + k).images) for k in range(3)]
+    blurred = F.avg_pool2d(F.pad(real.images, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    swapped_scenes = real.scenes.copy(); swapped_scenes[:, 0] = (swapped_scenes[:, 0] + 1) % 4  # every colour shifted by one
     rng = np.random.default_rng(0)
-    A = rng.normal(size=(4, 4)); S = A @ A.T + np.eye(4)
-    # equal covariances: only the mean term remains
-    assert frechet_distance(np.zeros(4), S, np.ones(4), S) == pytest.approx(4.0, abs=1e-6)
-    # isotropic: ||mu||^2 + d (s1 + s2 - 2 sqrt(s1 s2))
-    assert frechet_distance(np.zeros(3), np.eye(3), np.full(3, 2.0), 9 * np.eye(3)) == pytest.approx(12 + 3 * (1 + 9 - 6), abs=1e-8)
-    # sample version converges to the closed form
-    x, y = rng.normal(size=(20000, 2)), rng.normal(size=(20000, 2)) * 2 + 1
-    assert fid_from_features(x, y) == pytest.approx(2 + 2 * (1 + 4 - 4), abs=0.1)
+    swapped = torch.from_numpy(np.stack([render_scene(r, rng) for r in swapped_scenes]))
+    acc_real, acc_blur, acc_swap = (attribute_accuracy(clf, x, real.scenes)["all"] for x in (real.images, blurred, swapped))
+    fd_real, fd_blur, fd_swap = (frechet_distance(metric, x) for x in (real.images, blurred, swapped))
+    spread = max(floor) - min(floor) + 1e-9
+    assert fd_real <= max(floor) + spread, (fd_real, floor)
+    assert fd_blur > max(floor) + 5 * spread, (fd_blur, floor)
+    assert acc_blur <= acc_real
+    assert acc_swap < 0.05 < acc_real - 0.5, (acc_swap, acc_real)  # every colour is wrong
+    # a swap that changes which colours occur (every red drawn blue) moves the distribution
+    red_blue = real.scenes.copy(); red_blue[red_blue[:, 0] == 0, 0] = 2
+    shifted = torch.from_numpy(np.stack([render_scene(r, rng) for r in red_blue]))
+    assert frechet_distance(metric, shifted) > max(floor) + 5 * spread
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_retraining_the_eval_network_reproduces_the_committed_one(eval_net):
+    committed, man = eval_net
+    torch.set_num_threads(man["torch_threads"])
+    clf, _ = train_eval_network(man["n_images"], man["steps"], man["batch"], man["seed"])
+    for (k, a), b in zip(committed.state_dict().items(), clf.state_dict().values()):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-3, msg=k)
+    held = make_dataset(man["heldout"]["n"], man["heldout"]["data_seed"])
+    assert attribute_accuracy(clf, held.images, held.scenes)["all"] == pytest.approx(man["heldout"]["accuracy"]["all"], abs=0.01)
+
+
+def test_machine_translations_hit_no_unknown_words(data):
+    tok = build_tokenizer([c for cs in data.captions.values() for c in cs])
+    other = make_dataset(300, 99)
+    for system in MT_SYSTEMS:
+        for lang in ("de", "es", "ru"):
+            outs = [system.translate(c, lang) for c in other.captions[lang]]
+            assert unk_rate(tok, outs) == 0.0, (system.name, lang)
+    # the reference: a text has an unknown word iff one of its lower-cased words is outside the vocabulary
+    vocab = set(tok.get_vocab())
+    texts = ["two crimson rings to the west", "zwei blaue Kreise", "three purple hexagons", "ein kleiner roter Kreis oben"]
+    want = np.mean([any(w.lower() not in vocab for w in t.split()) for t in texts])
+    assert unk_rate(tok, texts) == want == 0.25
+
+
+def test_adapter_without_slot_bias_weighs_by_content_only():
+    torch.manual_seed(0)
+    ad = EnsembleAdapter(dim=64, n_candidates=4, use_slot_bias=False)
+    with torch.no_grad(): ad.query.weight.normal_(); ad.key.weight.normal_()
+    cand = F.normalize(torch.randn(6, 4, 64), dim=-1)
+    want = F.scaled_dot_product_attention(ad.query(cand[:, :1]), ad.key(cand), torch.eye(4).expand(6, 4, 4))[:, 0]
+    torch.testing.assert_close(ad.weights(cand), want)
+    assert ad.slot_bias is None and "slot_bias" not in dict(ad.named_parameters())
+    perm = cand[:, [0, 2, 1, 3]]  # swapping two translations swaps their weights: no slot carries a prior
+    torch.testing.assert_close(ad.weights(perm), ad.weights(cand)[:, [0, 2, 1, 3]])
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -160,8 +257,8 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match=r"candidates must be \(B, 4, 64\)"): pipe.adapter(torch.randn(2, 3, 64))
     with pytest.raises(ValueError, match="must be a \\(B, 3, 16, 16\\)"): denoising_loss(pipe.unet, new_scheduler(), torch.rand(2, 3, 8, 8), torch.randn(2, 64))
     with pytest.raises(ValueError, match="cond must be"): sample_images(pipe.unet, pipe.scheduler, torch.randn(64))
-    with pytest.raises(ValueError, match="shape mismatch"): frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.eye(3))
-    with pytest.raises(ValueError, match="feature arrays"): fid_from_features(np.zeros((5, 3)), np.zeros((5, 4)))
+    with pytest.raises(ValueError, match="must be a \\(B, 3, 16, 16\\)"): frechet_distance(frechet_metric(_Passthrough()), torch.rand(4, 3, 8, 8))
+    with pytest.raises(FileNotFoundError, match="manifest.json missing"): load_eval_network("/nonexistent/dir")
     with pytest.raises(ValueError, match="adapter expects 3 translations"): MTTIPipeline(pipe.unet, pipe.scheduler, pipe.text_encoder, pipe.tokenizer, pipe.adapter, MT_SYSTEMS[:2])
     with pytest.raises(FileNotFoundError, match="mtti_pipeline.json"): MTTIPipeline.from_pretrained("/nonexistent/dir")
     with pytest.raises(ValueError, match="n must be a positive int"): make_dataset(0, 0)

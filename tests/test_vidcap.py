@@ -208,6 +208,7 @@ def test_cider_is_maximal_for_identical_captions_and_drops_when_shuffled(data):
     assert cider_per_item(refs, one_wrong)[:-1] == pytest.approx([10.0] * (len(refs) - 1)) and cider_per_item(refs, one_wrong)[-1] == 0
 
 
+@pytest.mark.slow  # starts the Java PTB tokenizer
 @pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap's PTB tokenizer needs Java")
 def test_simple_tokenize_matches_the_ptb_tokenizer_on_every_caption_kind(data):
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
@@ -272,3 +273,27 @@ def test_committed_manifest_matches_generated_data():
                            p["clip_frames"], p["clips_per_video"], p["size"], n_gold_val=n["gold_val"])
     fresh = world_manifest(data)
     assert fresh["sets"] == saved["sets"] and fresh["event_kinds"] == saved["event_kinds"]
+
+
+@pytest.mark.slow
+@pytest.mark.notebook
+@pytest.mark.timeout(5400)
+def test_sealed_runs_reproduce(tmp_path):
+    "Retraining three seeds of the committed `data/vidcap_runs` at the notebook's defaults gives the same runs within a tolerance."
+    import json
+    from conftest import NBS, ROOT, moebook_cli
+    from moebook.evidence import sealed_runs
+    sealed = ROOT / "data" / "vidcap_runs"
+    manifest = sealed_runs(sealed)
+    cache = tmp_path / "cache"
+    r = moebook_cli("run", NBS / "05_vidcap_pseudolabels.ipynb", "-p", "n_seeds", "3", "-p", "evidence_runs", "", "-p", "cache_dir", str(cache),
+                    "--runs-dir", tmp_path / "runs", "--no-progress", timeout=5000)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    fresh = sorted(cache.glob("*.json"))
+    assert len(fresh) == 18 and all(f.name in manifest["files"] for f in fresh), "the fresh runs must have the sealed runs' keys"
+    diffs = []
+    for f in fresh:
+        new, old = json.loads(f.read_text()), json.loads((sealed / f.name).read_text())
+        assert new["init_sha"] == old["init_sha"]  # same initial weights
+        diffs.append(abs(new["test"]["CIDEr"] - old["test"]["CIDEr"]))
+    assert np.mean(diffs) <= 0.3 and max(diffs) <= 1.5, diffs  # decoding is an argmax: thread counts can flip a few tokens
