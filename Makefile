@@ -11,12 +11,13 @@ FAST := not notebook and not slow and not distributed
 PYTEST = MOEBOOK_QUIET=1 $(1)/python -m pytest -q -rs
 MINVENV ?= /tmp/moebook-minvenv
 
-.PHONY: help install run test test-fast test-min lock site lab export clean-nbs sync execute bench readme
+.PHONY: help install run test test-fast test-retrain test-min lock site lab export clean-nbs sync execute bench readme
 
 help:
 	@echo "make run      install, execute every notebook with papermill (small defaults), build the website"
 	@echo "make test     install, run the whole test suite (every notebook once, smallest parameters); CI runs exactly this"
 	@echo "make test-fast  the tests that run no notebook and start no process (a few minutes)"
+	@echo "make test-retrain  retrain the committed checkpoints and sealed runs and check they reproduce (about an hour on 2 cores)"
 	@echo "make test-min   install the lowest supported versions (pyproject.toml floors) in $(MINVENV), run test-fast there"
 	@echo "make lock     re-resolve constraints.txt (the versions make install uses) from pyproject.toml"
 	@echo "make site     build _site/ from the notebooks in nbs/ (Quarto if installed, else the static preview)"
@@ -75,7 +76,10 @@ run: install
 # Each notebook runs once, as a papermill smoke run with its smallest parameters (tests/test_notebooks.py):
 # that executes every cell, unit tests included, so nbdev_test would only run them a second time.
 test: install
-	$(call PYTEST,$(BIN)) tests
+	$(call PYTEST,$(BIN)) -m "not retrain" tests
+
+test-retrain: install
+	$(call PYTEST,$(BIN)) -m retrain tests
 
 test-fast: install
 	MOEBOOK_NO_SPAWN=1 $(call PYTEST,$(BIN)) -m "$(FAST)" tests

@@ -15,7 +15,7 @@ show_runs: bool = False  # list the recorded runs below the summary
 #
 # ```sh
 # make run    # venv + install, run every notebook with papermill (small defaults), build the website
-# make test   # venv + install, run the whole test suite (this is what CI runs)
+# make test   # venv + install, run the test suite, every notebook once (this is what CI runs)
 # ```
 #
 # `make test` on a fresh clone took 12 minutes on an idle 2-core machine (2026-12-02: 1.7 min install, 10.3 min of

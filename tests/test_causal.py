@@ -201,6 +201,7 @@ def test_perception_of_committed_checkpoint_on_a_fixed_set():
     assert acc.tolist() == pytest.approx(PERCEPTION_SEED0, abs=1e-9)
 
 
+@pytest.mark.retrain
 @pytest.mark.slow
 def test_retraining_reproduces_the_committed_checkpoint():
     # retrains seed 0 with the manifest's configuration (tens of minutes on a loaded CPU) and compares what the

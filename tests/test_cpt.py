@@ -135,6 +135,7 @@ def test_committed_checkpoints_are_complete_and_small():
     assert all("d2_only" in got[("dense", s)] for s in m["seeds"])  # the shift precondition's model
 
 
+@pytest.mark.retrain
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_retraining_reproduces_a_committed_checkpoint():

@@ -210,6 +210,7 @@ def test_metrics_move_the_right_way_under_blur_and_attribute_swap(eval_net):
     assert frechet_distance(metric, shifted) > max(floor) + 5 * spread
 
 
+@pytest.mark.retrain
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_retraining_the_eval_network_reproduces_the_committed_one(eval_net):

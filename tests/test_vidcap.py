@@ -275,6 +275,7 @@ def test_committed_manifest_matches_generated_data():
     assert fresh["sets"] == saved["sets"] and fresh["event_kinds"] == saved["event_kinds"]
 
 
+@pytest.mark.retrain
 @pytest.mark.slow
 @pytest.mark.notebook
 @pytest.mark.timeout(5400)
