@@ -335,15 +335,24 @@ def default_run(runs_dir: str | Path, # where runs are recorded
 def _short(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
+def _verdicts(metrics: dict[str, Any]) -> list[str]:
+    "'claims: 2 supported, 1 inconclusive' for a run that recorded claim records, else nothing."
+    claims = metrics.get("claims")
+    if not isinstance(claims, list) or not claims: return []
+    counts = {}
+    for c in claims: counts[c.get("verdict", "?")] = counts.get(c.get("verdict", "?"), 0) + 1
+    return ["claims: " + ", ".join(f"{n} {v}" for v, n in counts.items())]
+
 def format_runs(rows: list[dict[str, Any]], max_metrics: int = 3) -> str:
-    "A plain-text table of runs: notebook, run id, status, wall time, overrides and the first scalar metrics."
+    "A plain-text table of runs: notebook, run id, status, wall time, overrides, the claims' verdicts and the first scalar metrics."
     if not rows: return "no runs recorded"
     table = [("notebook", "run", "status", "wall s", "overrides", "metrics")]
     for r in rows:
-        scalars = [(k, v) for k, v in r.get("metrics", {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        metrics = r.get("metrics", {})
+        scalars = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
         table.append((Path(r["notebook"]).stem, r["run_id"], r["status"], f"{r.get('wall_time_s') or 0:.1f}",
                       " ".join(f"{k}={_short(v)}" for k, v in r.get("overrides", {}).items()) or "-",
-                      " ".join(f"{k}={_short(v)}" for k, v in scalars[:max_metrics]) or "-"))
+                      " ".join(_verdicts(metrics) + [f"{k}={_short(v)}" for k, v in scalars[:max_metrics]]) or "-"))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
 
