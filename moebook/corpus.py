@@ -9,7 +9,7 @@ import unicodedata, warnings
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -21,7 +21,8 @@ __all__ = ['DOMAINS', 'SPLITS', 'EOS', 'FORMAT_VERSION', 'MANIFEST_PATH', 'DOMAI
            'stable_uniform', 'stdlib_root', 'stdlib_files', 'split_lines', 'english_sources', 'code_sources',
            'arithmetic_sources', 'unicode_sources', 'domain_sources', 'DomainText', 'is_validation_source',
            'collect_domain', 'train_tokenizer', 'hf_tokenizer', 'default_cache_dir', 'build_corpus', 'Corpus',
-           'load_corpus', 'write_manifest', 'compare_manifest', 'token_counts', 'unigram_cross_entropy', 'unigram_kl']
+           'load_corpus', 'build_once', 'write_manifest', 'compare_manifest', 'token_counts', 'unigram_cross_entropy',
+           'unigram_kl']
 
 # %% ../nbs/02a_corpus.ipynb #aa8e55d4
 DOMAINS = ("english", "code", "arithmetic", "unicode")
@@ -438,11 +439,17 @@ def load_corpus(recipe: CorpusRecipe | None = None, # what to build (default: `C
     if not isinstance(recipe, CorpusRecipe): raise TypeError(f"recipe must be a CorpusRecipe, got {type(recipe).__name__}")
     final = Path(cache_dir or default_cache_dir()) / recipe.key()
     if rebuild and final.exists(): shutil.rmtree(final)
+    return build_once(final, lambda out: build_corpus(recipe, out))
+
+def build_once(final: Path, # the corpus folder; a corpus is there once its manifest.json exists
+               build: Callable[[Path], None], # writes a corpus into the folder it is given
+              ) -> Corpus:
+    "The corpus at `final`, built first (in a temporary sibling, then moved in atomically) if it is not there yet."
     if not (final / "manifest.json").exists():
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
         try:
-            build_corpus(recipe, tmp / "corpus")
+            build(tmp / "corpus")
             try: os.replace(tmp / "corpus", final)
             except OSError:  # a concurrent build won the race; its result is identical
                 if not (final / "manifest.json").exists(): raise

@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from moebook.core import atomic_write_text, check_int, seed_everything
-from moebook.corpus import DOMAINS, EOS, Corpus, CorpusRecipe, DomainText, collect_domain, default_cache_dir, train_tokenizer
+from moebook.corpus import DOMAINS, EOS, Corpus, CorpusRecipe, DomainText, build_once, collect_domain, default_cache_dir, train_tokenizer
 from moebook.evidence import paired_runs, provenance
 from moebook.global_lbl import max_violation
 from moebook.moe import MoeLM, MoeLMConfig, capture_routing, count_parameters, dense_matched, expert_counts
@@ -314,16 +314,7 @@ def load_cpt_corpus(spec: CPTCorpusSpec, # what to build
                    ) -> Corpus:
     "The corpus of `spec`, built on first use into `cache_dir/<spec key>` and memory-mapped afterwards."
     final = Path(cache_dir or default_cache_dir().parent / "cpt_corpus") / spec.key()
-    if not (final / "manifest.json").exists():
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
-        try:
-            build_cpt_corpus(spec, tmp / "corpus")
-            try: os.replace(tmp / "corpus", final)
-            except OSError:  # a concurrent build won the race; its result is identical
-                if not (final / "manifest.json").exists(): raise
-        finally: shutil.rmtree(tmp, ignore_errors=True)
-    return Corpus(final)
+    return build_once(final, lambda out: build_cpt_corpus(spec, out))
 
 
 # %% [markdown]
