@@ -17,15 +17,16 @@ import torch
 from .core import atomic_write_text, check_float, check_int
 
 # %% auto #0
-__all__ = ['DOMAINS', 'SPLITS', 'EOS', 'FORMAT_VERSION', 'MANIFEST_PATH', 'DOMAIN_PROVENANCE', 'CorpusRecipe', 'stable_hash',
-           'stable_uniform', 'stdlib_root', 'stdlib_files', 'split_lines', 'english_sources', 'code_sources',
-           'arithmetic_sources', 'unicode_sources', 'domain_sources', 'DomainText', 'is_validation_source',
-           'collect_domain', 'train_tokenizer', 'hf_tokenizer', 'default_cache_dir', 'build_corpus', 'Corpus',
-           'load_corpus', 'build_once', 'write_manifest', 'compare_manifest', 'token_counts', 'unigram_cross_entropy',
-           'unigram_kl']
+__all__ = ['DOMAINS', 'SYNTHETIC_DOMAINS', 'SPLITS', 'EOS', 'FORMAT_VERSION', 'MANIFEST_PATH', 'DOMAIN_PROVENANCE',
+           'CorpusRecipe', 'stable_hash', 'stable_uniform', 'stdlib_root', 'stdlib_files', 'split_lines',
+           'english_sources', 'code_sources', 'arithmetic_sources', 'wordchain_sources', 'unicode_sources',
+           'domain_sources', 'DomainText', 'is_validation_source', 'collect_domain', 'train_tokenizer', 'hf_tokenizer',
+           'default_cache_dir', 'build_corpus', 'Corpus', 'load_corpus', 'build_once', 'write_manifest',
+           'compare_manifest', 'token_counts', 'unigram_cross_entropy', 'unigram_kl']
 
 # %% ../nbs/02a_corpus.ipynb #aa8e55d4
-DOMAINS = ("english", "code", "arithmetic", "unicode")
+DOMAINS = ("english", "code", "arithmetic", "unicode")  # the real domains of the default corpus
+SYNTHETIC_DOMAINS = ("wordchain",)  # generated languages other corpora (moebook.cpt) may use
 SPLITS = ("train", "validation")
 EOS = "<|endoftext|>"
 FORMAT_VERSION = 1  # bump when the way text or tokens are produced changes
@@ -146,6 +147,22 @@ def arithmetic_sources(seed: int = 0, problems_per_block: int = 32) -> Iterator[
             lines.append(f"{a} {op} {b} = {a + b if op == '+' else a - b if op == '-' else a * b}\n")
         yield f"arithmetic:{seed}:{block}", "".join(lines)
 
+def wordchain_sources(seed: int = 0, n_words: int = 64, branching: int = 4, sentences_per_block: int = 32) -> Iterator[tuple[str, str]]:
+    "Endless blocks of sentences of a synthetic language: a sparse random Markov chain over `n_words` pseudo-words."
+    rng = random.Random(stable_hash("wordchain", seed))
+    words: set[str] = set()
+    while len(words) < n_words: words.add("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 7))))
+    vocab = sorted(words)
+    chain = {w: (rng.sample(vocab, branching), [rng.random() + 0.2 for _ in range(branching)]) for w in vocab}
+    for block in range(10**9):
+        r = random.Random(stable_hash("wordchain", seed, block))
+        lines = []
+        for _ in range(sentences_per_block):
+            w = r.choice(vocab); sentence = [w]
+            for _ in range(r.randint(5, 15)): w = r.choices(*chain[w])[0]; sentence.append(w)
+            lines.append(" ".join(sentence) + ".\n")
+        yield f"wordchain:{seed}:{block}", "".join(lines)
+
 def unicode_sources() -> Iterator[tuple[str, str]]:
     "The Unicode character database, one source per block of 256 code points (in hash order)."
     blocks = {}
@@ -162,7 +179,8 @@ def domain_sources(domain: str, recipe: CorpusRecipe) -> Iterator[tuple[str, str
     if domain == "code": return code_sources()
     if domain == "arithmetic": return arithmetic_sources(recipe.arithmetic_seed)
     if domain == "unicode": return unicode_sources()
-    raise KeyError(f"unknown domain {domain!r}; the domains are {DOMAINS}")
+    if domain == "wordchain": return wordchain_sources(recipe.arithmetic_seed)
+    raise KeyError(f"unknown domain {domain!r}; the domains are {DOMAINS + SYNTHETIC_DOMAINS}")
 
 # %% ../nbs/02a_corpus.ipynb #d087899d
 @dataclass
@@ -206,7 +224,7 @@ def train_tokenizer(texts: dict[str, DomainText], recipe: CorpusRecipe):
     "Train the byte-level BPE `tokenizers.Tokenizer` of `recipe` on a fixed sample of each domain's training text."
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     sample = []
-    for domain in DOMAINS:
+    for domain in texts:  # in the given order (the default corpus: DOMAINS)
         budget = recipe.tokenizer_sample_bytes
         for _, text in texts[domain].docs["train"]:
             if budget <= 0: break

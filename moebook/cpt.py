@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from .core import atomic_write_text, check_int, seed_everything
-from .corpus import DOMAINS, EOS, Corpus, CorpusRecipe, DomainText, build_once, collect_domain, default_cache_dir, train_tokenizer
+from .corpus import DOMAINS, EOS, SYNTHETIC_DOMAINS, Corpus, CorpusRecipe, DomainText, build_once, collect_domain, default_cache_dir, train_tokenizer
 from .evidence import paired_runs, provenance
 from .global_lbl import max_violation
-from .moe import MoeLM, MoeLMConfig, capture_routing, count_parameters, dense_matched, expert_counts
+from .moe import ModelSettings, MoeLM, MoeLMConfig, capture_routing, count_parameters, dense_matched, expert_counts
 from .schedules import InfiniteSchedule, Phases, Schedule, WarmupCosine, rewarm
 from .train import TrainConfig, train
 
@@ -35,27 +35,25 @@ DEFAULT_VARIANTS = ("dense", "switch_aux", "switch_sinkhorn")  # the committed c
 
 def variant_config(variant: str, # one of VARIANTS
                    vocab_size: int, # tokenizer vocabulary
-                   d_model: int = 32, # model width
-                   n_layers: int = 2, # decoder blocks
-                   n_heads: int = 2, # attention heads
-                   d_ff: int = 64, # active FFN width per token
-                   n_experts: int = 4, # Switch experts (DeepSeek-style: 4*n_experts-1 routed + 1 shared)
-                   aux_loss_coef: float = 1e-2, # LB-loss coefficient of the *_aux models
-                   z_loss_coef: float = 1e-3, # z-loss coefficient of the *_aux models
+                   model: ModelSettings = ModelSettings(), # the Switch model (top-1, no shared expert); the others derive from it
                    sinkhorn_tol: float = 0.01, # Sinkhorn stopping tolerance of the *_sinkhorn models
                   ) -> MoeLMConfig:
-    "The `MoeLMConfig` of one of the CPT models; all share the active FFN width `d_ff`."
+    "The `MoeLMConfig` of one of the CPT models; all share the Switch model's active FFN width `d_ff = model.d_ff_expert`."
     if variant not in VARIANTS: raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
+    if (model.top_k, model.n_shared_experts) != (1, 0):
+        raise ValueError(f"the CPT models derive from a Switch model (top_k=1, no shared expert), got top_k={model.top_k}, "
+                         f"n_shared_experts={model.n_shared_experts}")
+    if model.d_ff_expert % 4: raise ValueError(f"d_ff_expert must divide by 4 (DeepSeek-style experts are d_ff/4 wide), got {model.d_ff_expert}")
     if variant == "dense": arch, balance, gate = "switch", "aux", ""
     else: arch, balance, gate = (variant.split("_") + [""])[:3]
     sinkhorn = balance == "sinkhorn"
     family = "sinkhorn" if (arch, sinkhorn) == ("switch", True) else arch
     extra = {"router": "sinkhorn"} if sinkhorn and arch == "deepseek" else {}
     if gate == "sigmoid": extra["score_function"] = "sigmoid"
-    cfg = MoeLMConfig.from_family(family, d_ff=d_ff, n_experts=n_experts, vocab_size=vocab_size, d_model=d_model,
-                                  n_layers=n_layers, n_heads=n_heads, sinkhorn_tol=sinkhorn_tol,
-                                  aux_loss_coef=0.0 if sinkhorn else aux_loss_coef,
-                                  z_loss_coef=0.0 if sinkhorn else z_loss_coef, **extra)
+    cfg = MoeLMConfig.from_family(family, d_ff=model.d_ff_expert, n_experts=model.n_experts, vocab_size=vocab_size, d_model=model.d_model,
+                                  n_layers=model.n_layers, n_heads=model.n_heads, sinkhorn_tol=sinkhorn_tol,
+                                  aux_loss_coef=0.0 if sinkhorn else model.aux_loss_coef,
+                                  z_loss_coef=0.0 if sinkhorn else model.z_loss_coef, **extra)
     return dense_matched(cfg) if variant == "dense" else cfg
 
 # %% ../nbs/03_moe_cpt.ipynb #c1ec776e
@@ -64,9 +62,9 @@ CORPUS_FORMAT = 1  # bump when the way the CPT corpus is produced changes
 @dataclass(frozen=True)
 class CPTCorpusSpec:
     "Everything that determines the two-domain CPT corpus (with the Python and tokenizers versions)."
-    d1: str = "english"                  # pre-training domain
-    d2: str = "arithmetic"               # continual-phase domain
-    max_bytes_per_domain: int = 2_500_000
+    d1: str = "wordchain"                # pre-training domain (a synthetic language a small model learns to its floor)
+    d2: str = "english"                  # continual-phase domain
+    max_bytes_per_domain: int = 6_000_000  # english holds about 2.2 MB; the generated wordchain fills the budget
     max_doc_bytes: int = 16_384
     val_fraction: float = 0.1
     vocab_size: int = 512
@@ -76,7 +74,7 @@ class CPTCorpusSpec:
 
     def __post_init__(self):
         for d in (self.d1, self.d2):
-            if d not in DOMAINS: raise ValueError(f"CPTCorpusSpec: unknown domain {d!r}; the domains are {DOMAINS}")
+            if d not in DOMAINS + SYNTHETIC_DOMAINS: raise ValueError(f"CPTCorpusSpec: unknown domain {d!r}; the domains are {DOMAINS + SYNTHETIC_DOMAINS}")
         if self.d1 == self.d2: raise ValueError(f"CPTCorpusSpec: d1 and d2 must differ (a shift), both are {self.d1!r}")
         check_int("CPTCorpusSpec.dup_min_chars", self.dup_min_chars, 1)
         self.recipe()  # the corpus recipe checks the remaining fields
@@ -137,8 +135,7 @@ def build_cpt_corpus(spec: CPTCorpusSpec, out_dir: str | Path) -> dict:
         docs[spec.d2][split] = [(f"{spec.d2}:{split}:{i}", t) for i, t in enumerate(kept)]
         leak["removed_from_d2"][split] = n
     leak["left_after"] = sum(count_near_duplicates([t for _, t in docs[spec.d2][s]], d1_keys, spec.dup_min_chars) for s in ("train", "validation"))
-    empty = {"train": [], "validation": []}
-    tok = train_tokenizer({d: DomainText(d, docs.get(d, empty), {}) for d in DOMAINS}, recipe)  # only D1 and D2 have text
+    tok = train_tokenizer({d: DomainText(d, docs[d], {}) for d in (spec.d1, spec.d2)}, recipe)
     tok.save(str(out_dir / "tokenizer.json"))
     eos = tok.token_to_id(EOS)
     sizes = {}
@@ -175,29 +172,23 @@ def _fraction(name, v):
 class CPTConfig:
     "Every setting of one CPT experiment (corpus, model, schedules, evaluation, seed); checked when built."
     corpus: CPTCorpusSpec = field(default_factory=CPTCorpusSpec)
-    pretrain_steps: int = 200    # optimizer steps on D1
-    cpt_steps: int = 80          # optimizer steps on D2 (+ replay of D1)
+    pretrain_steps: int = 1200   # optimizer steps on D1
+    cpt_steps: int = 300         # optimizer steps on D2 (+ replay of D1)
     batch_size: int = 32         # sequences per step
     seq_len: int = 64            # tokens per sequence
-    d_model: int = 32
-    n_layers: int = 2
-    n_heads: int = 2
-    d_ff: int = 64               # active FFN width per token
-    n_experts: int = 4
-    aux_loss_coef: float = 1e-2  # paper: aux 1e-2, z 1e-3, Sinkhorn tol 0.01
-    z_loss_coef: float = 1e-3
-    sinkhorn_tol: float = 0.01
+    model: ModelSettings = ModelSettings()  # the Switch model: width, depth, experts, d_ff_expert = the active FFN width; paper: aux 1e-2, z 1e-3
+    sinkhorn_tol: float = 0.01   # paper: 0.01
     lr_max: float = 3e-3
     lr_min: float = 3e-4
-    warmup_steps: int = 20       # pre-training (and re-training) warmup
-    rewarm_steps: int = 8        # re-warm at the start of the continual phase
+    warmup_steps: int = 120      # pre-training (and re-training) warmup
+    rewarm_steps: int = 30       # re-warm at the start of the continual phase
     lr_const: float = 1.65e-3    # infinite schedule: constant LR (paper ratio 1.65e-4 / 3e-4 of the peak)
-    cooldown_steps: int = 66     # infinite schedule: cooldown from lr_max to lr_const
-    anneal_steps: int = 40       # infinite schedule: final anneal, the last steps of the continual phase
+    cooldown_steps: int = 400    # infinite schedule: cooldown from lr_max to lr_const
+    anneal_steps: int = 150      # infinite schedule: final anneal, the last steps of the continual phase
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    eval_every: int = 40         # held-out evaluation interval in pre-training / re-training
-    cpt_eval_every: int = 16     # ... and in the continual phase
+    eval_every: int = 60         # held-out evaluation interval in pre-training / re-training
+    cpt_eval_every: int = 25     # ... and in the continual phase
     eval_batches: int = 4        # held-out batches per domain
     retrain_replay: float = 0.3  # re-training gets the D1 and D2 tokens of pre-training + CPT at this replay
     seed: int = 0
@@ -205,13 +196,15 @@ class CPTConfig:
     progress: bool = False
 
     def __post_init__(self):
+        if isinstance(self.corpus, dict): object.__setattr__(self, "corpus", CPTCorpusSpec(**self.corpus))  # from JSON (asdict)
+        if isinstance(self.model, dict): object.__setattr__(self, "model", ModelSettings(**self.model))
         if not isinstance(self.corpus, CPTCorpusSpec): raise TypeError(f"CPTConfig.corpus must be a CPTCorpusSpec, got {self.corpus!r}")
-        for name in ("pretrain_steps", "cpt_steps", "batch_size", "seq_len", "d_model", "n_layers", "n_heads", "d_ff",
-                     "n_experts", "rewarm_steps", "cooldown_steps", "anneal_steps", "eval_every", "cpt_eval_every", "eval_batches"):
+        if not isinstance(self.model, ModelSettings): raise TypeError(f"CPTConfig.model must be a ModelSettings, got {self.model!r}")
+        variant_config("dense", 8, self.model)  # the Switch shape the variants derive from
+        for name in ("pretrain_steps", "cpt_steps", "batch_size", "seq_len", "rewarm_steps", "cooldown_steps", "anneal_steps", "eval_every", "cpt_eval_every", "eval_batches"):
             _positive_int(name, getattr(self, name))
         _positive_int("warmup_steps", self.warmup_steps, 0); _positive_int("seed", self.seed, 0)
         _fraction("retrain_replay", self.retrain_replay)
-        if self.d_ff % 4: raise ValueError(f"CPTConfig.d_ff must divide by 4 (DeepSeek-style experts are d_ff/4 wide), got {self.d_ff}")
         if self.warmup_steps >= self.pretrain_steps: raise ValueError(f"CPTConfig.warmup_steps ({self.warmup_steps}) must be < pretrain_steps ({self.pretrain_steps})")
         if self.rewarm_steps >= self.cpt_steps: raise ValueError(f"CPTConfig.rewarm_steps ({self.rewarm_steps}) must be < cpt_steps ({self.cpt_steps})")
         if self.warmup_steps + self.cooldown_steps > self.pretrain_steps:
@@ -234,8 +227,7 @@ class CPTConfig:
         return cls(pretrain_steps=pretrain_steps, cpt_steps=cpt_steps, **{**derived, **kw})
 
     def model_config(self, variant: str, vocab_size: int) -> MoeLMConfig:
-        return variant_config(variant, vocab_size, self.d_model, self.n_layers, self.n_heads, self.d_ff, self.n_experts,
-                              self.aux_loss_coef, self.z_loss_coef, self.sinkhorn_tol)
+        return variant_config(variant, vocab_size, self.model, self.sinkhorn_tol)
 
     def key(self, variant: str) -> str:
         "Hash of every setting the runs of `variant` depend on (all fields but `progress` and `device`, corpus and model included)."
@@ -499,7 +491,7 @@ def _thin(history: list[dict]) -> list[dict]:
 def _pretrain_job(variant: str, seed: int, cfg: dict, root: str, first_seed: int, d2_only_variant: str, infinite_variants: Sequence[str],
                   cache_dir: str | None) -> dict:
     "fn(variant, seed) for `paired_runs`: `pretrain_variant` of one model and seed."
-    c = CPTConfig(**{**cfg, "corpus": CPTCorpusSpec(**cfg["corpus"]), "seed": seed})
+    c = CPTConfig(**{**cfg, "seed": seed})
     return pretrain_variant(c, variant, load_cpt_corpus(c.corpus, cache_dir), root, plateau=seed == first_seed,
                             infinite=variant in infinite_variants, d2_only=variant == d2_only_variant)
 
@@ -593,6 +585,6 @@ def start_mean(start: dict, prefix: str) -> float:
 def _cpt_job(variant: str, seed: int, cfg: dict, root: str, weights: dict, replays: Sequence[float], infinite_replay: float | None,
              cache_dir: str | None) -> dict:
     "fn(variant, seed) for `paired_runs`: `continue_variant` of one model and seed from its pre-trained weights."
-    c = CPTConfig(**{**cfg, "corpus": CPTCorpusSpec(**cfg["corpus"]), "seed": seed})
+    c = CPTConfig(**{**cfg, "seed": seed})
     w = weights[f"{variant}-seed{seed}"]  # the infinite arm runs where its non-decayed checkpoint exists
     return continue_variant(c, variant, load_cpt_corpus(c.corpus, cache_dir), w, root, replays, infinite_replay if "pretrain_infinite" in w else None)

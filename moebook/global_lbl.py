@@ -16,7 +16,7 @@ import torch.distributed as dist
 import moebook
 from .core import check_float, check_int, seed_everything
 from .corpus import Corpus, CorpusRecipe, load_corpus, stable_hash
-from .moe import GlobalBalancer, MoELayer, MoeLM, MoeLMConfig, RouterOutput, capture_routing, expert_counts, update_expert_bias
+from .moe import GlobalBalancer, MoELayer, MoeLM, MoeLMConfig, ModelSettings, RouterOutput, capture_routing, expert_counts, update_expert_bias
 from .evidence import paired_runs
 from .schedules import WarmupCosine
 from .train import TrainConfig, close_distributed, init_distributed, load_checkpoint, run_torchrun, save_checkpoint, train
@@ -37,15 +37,7 @@ class ExperimentConfig:
     n_micro: int = 8            # micro-batches per optimizer step (= grad accumulation x data-parallel ranks)
     batch_size: int = 2         # sequences per micro-batch (the micro balance BSZ)
     seq_len: int = 64           # tokens per sequence
-    d_model: int = 64
-    n_layers: int = 2
-    n_heads: int = 4
-    n_experts: int = 16         # routed experts per MoE layer
-    top_k: int = 4
-    d_ff_expert: int = 32
-    n_shared_experts: int = 1
-    aux_loss_coef: float = 0.01
-    z_loss_coef: float = 0.001
+    model: ModelSettings = ModelSettings(d_model=64, n_heads=4, n_experts=16, top_k=4, d_ff_expert=32, n_shared_experts=1)
     lr: float = 3e-3
     weight_decay: float = 0.1
     corpus_bytes: int = 1_500_000  # CorpusRecipe.max_bytes_per_domain
@@ -58,14 +50,15 @@ class ExperimentConfig:
     def __post_init__(self):
         if not isinstance(self.device, str) or not self.device:
             raise TypeError(f"ExperimentConfig.device must be a device name such as 'cpu' or 'cuda', got {self.device!r}")
-        zero_ok = ("seed", "weight_decay", "aux_loss_coef", "z_loss_coef", "n_shared_experts", "bias_update_rate")
+        if isinstance(self.model, dict): object.__setattr__(self, "model", ModelSettings(**self.model))  # from JSON (asdict)
+        if not isinstance(self.model, ModelSettings): raise TypeError(f"ExperimentConfig.model must be a ModelSettings, got {self.model!r}")
+        zero_ok = ("seed", "weight_decay", "bias_update_rate")
         for f in dataclasses.fields(self):
-            if f.name == "device": continue
+            if f.name in ("device", "model"): continue
             check = check_float if f.type == "float" else check_int
             if f.name in zero_ok: check(f"ExperimentConfig.{f.name}", getattr(self, f.name))
             elif check is check_int: check_int(f"ExperimentConfig.{f.name}", getattr(self, f.name), 1)
             else: check_float(f"ExperimentConfig.{f.name}", getattr(self, f.name), strict=True)
-        if self.top_k > self.n_experts: raise ValueError(f"top_k={self.top_k} > n_experts={self.n_experts}")
 
     def recipe(self) -> CorpusRecipe:
         "The corpus recipe (the tokenizer sample rule of `02a_corpus`, so the default is the committed corpus)."
@@ -74,12 +67,9 @@ class ExperimentConfig:
 
     def model_config(self, vocab_size: int, lb_scope: str, loss_free: bool = False) -> MoeLMConfig:
         "The MoeLM with balance scope `lb_scope`; `loss_free`: no balance loss, a routing bias balances (DeepSeek-V3)."
-        return MoeLMConfig(vocab_size=vocab_size, d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads,
-                           d_ff=self.top_k * self.d_ff_expert, n_experts=self.n_experts, num_experts_per_tok=self.top_k,
-                           d_ff_expert=self.d_ff_expert, n_shared_experts=self.n_shared_experts, router="softmax",
-                           norm_topk_prob=False, capacity_factor=None, aux_loss_coef=0.0 if loss_free else self.aux_loss_coef,
-                           z_loss_coef=self.z_loss_coef, lb_scope=lb_scope, enable_expert_bias=loss_free,
-                           bias_update_rate=self.bias_update_rate)
+        return self.model.lm_config(vocab_size, router="softmax", norm_topk_prob=False, capacity_factor=None, lb_scope=lb_scope,
+                                    aux_loss_coef=0.0 if loss_free else self.model.aux_loss_coef, enable_expert_bias=loss_free,
+                                    bias_update_rate=self.bias_update_rate)
 
 def run_key(variant: str, # the balance variant
             cfg: ExperimentConfig, # every other setting of the run (seed included)
@@ -209,7 +199,7 @@ def max_violation(load: torch.Tensor) -> float:
 def evaluate_routing(model: MoeLM, corpus: Corpus, cfg: ExperimentConfig) -> dict:
     "Per-domain validation loss/perplexity, selection frequencies, top-k score sums and micro/global max-violation."
     model = unwrap(model); was_training = model.training; model.eval()
-    layers, n_dom, E, k = moe_layer_indices(model), len(corpus.domains), cfg.n_experts, cfg.top_k
+    layers, n_dom, E, k = moe_layer_indices(model), len(corpus.domains), cfg.model.n_experts, cfg.model.top_k
     counts = torch.zeros(len(layers), n_dom, E, dtype=torch.float64)
     score = torch.zeros(len(layers), n_dom, dtype=torch.float64)
     n_tok = torch.zeros(n_dom, dtype=torch.float64)
@@ -422,7 +412,7 @@ def paired_variant(variant: str, # one of VARIANTS (single-process)
     c = ExperimentConfig(**{**cfg, "seed": seed})
     return run_variant(variant, c, ckpt_dir=str(Path(ckpt_root) / run_key(variant, c)) if ckpt_root else None, cache_dir=cache_dir)
 
-def run_experiment(cfg: ExperimentConfig, # settings of the first seed (its aux_loss_coef is replaced by each of `coefs`)
+def run_experiment(cfg: ExperimentConfig, # settings of the first seed (its model.aux_loss_coef is replaced by each of `coefs`)
                    seeds: list[int], # paired seeds
                    variants: dict[float, tuple[str, ...]], # aux-loss coefficient -> the variants run at it
                    workers: int = 2, # processes for the single-process variants (1 = in this process)
@@ -439,7 +429,7 @@ def run_experiment(cfg: ExperimentConfig, # settings of the first seed (its aux_
     bar = progress_bar(total=(n_single + (n_dp > 0)) * len(seeds), enabled=progress, desc="runs")
     results = {}
     for coef, vs in variants.items():
-        c = dataclasses.replace(cfg, aux_loss_coef=float(coef))
+        c = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, aux_loss_coef=float(coef)))
         if single := [v for v in vs if v not in DP_VARIANTS]:
             fn = functools.partial(paired_variant, cfg=dataclasses.asdict(c), ckpt_root=ckpt_root, cache_dir=cache_dir)
             res = paired_runs(fn, single, seeds, config={"experiment": dataclasses.asdict(c), "code": "global_lbl/1"},

@@ -19,7 +19,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 from torch.utils.checkpoint import checkpoint
 
-from .core import check_int
+from .core import check_float, check_int
 
 # %% auto #0
 __all__ = ['ROUTERS', 'SCORE_FUNCTIONS', 'DROP_POLICIES', 'LB_SCOPES', 'FAMILIES', 'AUX_REDUCTIONS', 'MoEConfig', 'sinkhorn',
@@ -27,7 +27,7 @@ __all__ = ['ROUTERS', 'SCORE_FUNCTIONS', 'DROP_POLICIES', 'LB_SCOPES', 'FAMILIES
            'MoEAux', 'MoELayer', 'moe_reference', 'expert_bias_update', 'update_expert_bias', 'load_balancing_loss',
            'z_loss', 'GlobalBalancer', 'RoutingStats', 'routing_stats', 'plot_load_heatmap', 'capture_routing',
            'MoeLMConfig', 'dense_matched', 'rotary', 'CausalSelfAttention', 'Block', 'MoeLMOutput', 'MoeLM',
-           'count_parameters']
+           'count_parameters', 'ModelSettings']
 
 # %% ../nbs/01_moe.ipynb #f164dd24
 ROUTERS = ("softmax", "sinkhorn")
@@ -837,3 +837,37 @@ AutoConfig.register(MoeLMConfig.model_type, MoeLMConfig, exist_ok=True)
 AutoModelForCausalLM.register(MoeLMConfig, MoeLM, exist_ok=True)
 
 
+
+# %% ../nbs/01_moe.ipynb #26cc3c17
+@dataclass(frozen=True)
+class ModelSettings:
+    "The size and balance settings of a small MoeLM, shared by the experiment configs that train one (checked when built)."
+    d_model: int = 32           # model width
+    n_layers: int = 2           # decoder blocks (all MoE)
+    n_heads: int = 2            # attention heads
+    n_experts: int = 4          # routed experts per MoE layer
+    top_k: int = 1              # routed experts per token
+    d_ff_expert: int = 64       # width of one expert
+    n_shared_experts: int = 0   # always-on experts of width d_ff_expert
+    aux_loss_coef: float = 1e-2 # load-balancing loss coefficient
+    z_loss_coef: float = 1e-3   # router z-loss coefficient
+
+    def __post_init__(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.type == "float": check_float(f"ModelSettings.{f.name}", v)
+            else: check_int(f"ModelSettings.{f.name}", v, 0 if f.name == "n_shared_experts" else 1)
+        if self.top_k > self.n_experts: raise ValueError(f"ModelSettings: top_k={self.top_k} > n_experts={self.n_experts}")
+
+    @property
+    def active_d_ff(self) -> int:
+        "FFN width each token uses (routed + shared): the FFN width of the FLOP-matched dense model."
+        return (self.top_k + self.n_shared_experts) * self.d_ff_expert
+
+    def lm_config(self, vocab_size: int, # tokenizer vocabulary
+                  **overrides) -> MoeLMConfig: # any other MoeLMConfig argument (router, lb_scope, ...)
+        "The `MoeLMConfig` of these settings (every layer MoE, dense width `active_d_ff`)."
+        kw = dict(vocab_size=vocab_size, d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads, d_ff=self.active_d_ff,
+                  n_experts=self.n_experts, num_experts_per_tok=self.top_k, d_ff_expert=self.d_ff_expert,
+                  n_shared_experts=self.n_shared_experts, aux_loss_coef=self.aux_loss_coef, z_loss_coef=self.z_loss_coef)
+        return MoeLMConfig(**{**kw, **overrides})

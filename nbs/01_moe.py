@@ -43,7 +43,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 from torch.utils.checkpoint import checkpoint
 
-from moebook.core import check_int
+from moebook.core import check_float, check_int
 
 # %%
 import tempfile
@@ -1318,6 +1318,60 @@ test_eq(type(reloaded), MoeLM); test_close(reloaded(ids).logits, model(ids).logi
 gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
 g1, g2 = model.generate(ids[:1, :4], **gen), reloaded.generate(ids[:1, :4], use_cache=False, **gen)
 test_eq(g1.shape, (1, 9)); test_eq(g1, g2)
+
+
+# %% [markdown]
+# Experiment configs (`moebook.global_lbl.ExperimentConfig`, `moebook.cpt.CPTConfig`) train small MoeLMs
+# and need the same handful of size and balance settings. `ModelSettings` declares them once, with their
+# checks, and turns them into a `MoeLMConfig`; each experiment adds only what is its own (a balance scope, a
+# router family).
+
+# %%
+#| export
+@dataclass(frozen=True)
+class ModelSettings:
+    "The size and balance settings of a small MoeLM, shared by the experiment configs that train one (checked when built)."
+    d_model: int = 32           # model width
+    n_layers: int = 2           # decoder blocks (all MoE)
+    n_heads: int = 2            # attention heads
+    n_experts: int = 4          # routed experts per MoE layer
+    top_k: int = 1              # routed experts per token
+    d_ff_expert: int = 64       # width of one expert
+    n_shared_experts: int = 0   # always-on experts of width d_ff_expert
+    aux_loss_coef: float = 1e-2 # load-balancing loss coefficient
+    z_loss_coef: float = 1e-3   # router z-loss coefficient
+
+    def __post_init__(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.type == "float": check_float(f"ModelSettings.{f.name}", v)
+            else: check_int(f"ModelSettings.{f.name}", v, 0 if f.name == "n_shared_experts" else 1)
+        if self.top_k > self.n_experts: raise ValueError(f"ModelSettings: top_k={self.top_k} > n_experts={self.n_experts}")
+
+    @property
+    def active_d_ff(self) -> int:
+        "FFN width each token uses (routed + shared): the FFN width of the FLOP-matched dense model."
+        return (self.top_k + self.n_shared_experts) * self.d_ff_expert
+
+    def lm_config(self, vocab_size: int, # tokenizer vocabulary
+                  **overrides) -> MoeLMConfig: # any other MoeLMConfig argument (router, lb_scope, ...)
+        "The `MoeLMConfig` of these settings (every layer MoE, dense width `active_d_ff`)."
+        kw = dict(vocab_size=vocab_size, d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads, d_ff=self.active_d_ff,
+                  n_experts=self.n_experts, num_experts_per_tok=self.top_k, d_ff_expert=self.d_ff_expert,
+                  n_shared_experts=self.n_shared_experts, aux_loss_coef=self.aux_loss_coef, z_loss_coef=self.z_loss_coef)
+        return MoeLMConfig(**{**kw, **overrides})
+
+
+# %%
+ms = ModelSettings(d_model=16, n_heads=2, n_experts=6, top_k=2, d_ff_expert=8, n_shared_experts=1)
+lm = ms.lm_config(40, lb_scope="global")
+test_eq((lm.vocab_size, lm.d_model, lm.n_experts, lm.num_experts_per_tok, lm.d_ff_expert, lm.n_shared_experts, lm.d_ff, lm.lb_scope),
+        (40, 16, 6, 2, 8, 1, 24, "global"))
+p_moe, p_dense = count_parameters(MoeLM(lm)), count_parameters(MoeLM(dense_matched(lm)))
+test_eq(p_moe["active"] - p_moe["router"], p_dense["active"])  # active_d_ff is the FLOP-matched dense width
+test_fail(lambda: ModelSettings(top_k=5, n_experts=4), contains="top_k=5 > n_experts=4")
+test_fail(lambda: ModelSettings(d_model=0), contains="ModelSettings.d_model must be >= 1")
+test_fail(lambda: ModelSettings(z_loss_coef=-1.0), contains="ModelSettings.z_loss_coef")
 
 
 # %% [markdown]

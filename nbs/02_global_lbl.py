@@ -45,7 +45,7 @@ import torch.distributed as dist
 import moebook
 from moebook.core import check_float, check_int, seed_everything
 from moebook.corpus import Corpus, CorpusRecipe, load_corpus, stable_hash
-from moebook.moe import GlobalBalancer, MoELayer, MoeLM, MoeLMConfig, RouterOutput, capture_routing, expert_counts, update_expert_bias
+from moebook.moe import GlobalBalancer, MoELayer, MoeLM, MoeLMConfig, ModelSettings, RouterOutput, capture_routing, expert_counts, update_expert_bias
 from moebook.evidence import paired_runs
 from moebook.schedules import WarmupCosine
 from moebook.train import TrainConfig, close_distributed, init_distributed, load_checkpoint, run_torchrun, save_checkpoint, train
@@ -113,15 +113,7 @@ class ExperimentConfig:
     n_micro: int = 8            # micro-batches per optimizer step (= grad accumulation x data-parallel ranks)
     batch_size: int = 2         # sequences per micro-batch (the micro balance BSZ)
     seq_len: int = 64           # tokens per sequence
-    d_model: int = 64
-    n_layers: int = 2
-    n_heads: int = 4
-    n_experts: int = 16         # routed experts per MoE layer
-    top_k: int = 4
-    d_ff_expert: int = 32
-    n_shared_experts: int = 1
-    aux_loss_coef: float = 0.01
-    z_loss_coef: float = 0.001
+    model: ModelSettings = ModelSettings(d_model=64, n_heads=4, n_experts=16, top_k=4, d_ff_expert=32, n_shared_experts=1)
     lr: float = 3e-3
     weight_decay: float = 0.1
     corpus_bytes: int = 1_500_000  # CorpusRecipe.max_bytes_per_domain
@@ -134,14 +126,15 @@ class ExperimentConfig:
     def __post_init__(self):
         if not isinstance(self.device, str) or not self.device:
             raise TypeError(f"ExperimentConfig.device must be a device name such as 'cpu' or 'cuda', got {self.device!r}")
-        zero_ok = ("seed", "weight_decay", "aux_loss_coef", "z_loss_coef", "n_shared_experts", "bias_update_rate")
+        if isinstance(self.model, dict): object.__setattr__(self, "model", ModelSettings(**self.model))  # from JSON (asdict)
+        if not isinstance(self.model, ModelSettings): raise TypeError(f"ExperimentConfig.model must be a ModelSettings, got {self.model!r}")
+        zero_ok = ("seed", "weight_decay", "bias_update_rate")
         for f in dataclasses.fields(self):
-            if f.name == "device": continue
+            if f.name in ("device", "model"): continue
             check = check_float if f.type == "float" else check_int
             if f.name in zero_ok: check(f"ExperimentConfig.{f.name}", getattr(self, f.name))
             elif check is check_int: check_int(f"ExperimentConfig.{f.name}", getattr(self, f.name), 1)
             else: check_float(f"ExperimentConfig.{f.name}", getattr(self, f.name), strict=True)
-        if self.top_k > self.n_experts: raise ValueError(f"top_k={self.top_k} > n_experts={self.n_experts}")
 
     def recipe(self) -> CorpusRecipe:
         "The corpus recipe (the tokenizer sample rule of `02a_corpus`, so the default is the committed corpus)."
@@ -150,12 +143,9 @@ class ExperimentConfig:
 
     def model_config(self, vocab_size: int, lb_scope: str, loss_free: bool = False) -> MoeLMConfig:
         "The MoeLM with balance scope `lb_scope`; `loss_free`: no balance loss, a routing bias balances (DeepSeek-V3)."
-        return MoeLMConfig(vocab_size=vocab_size, d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads,
-                           d_ff=self.top_k * self.d_ff_expert, n_experts=self.n_experts, num_experts_per_tok=self.top_k,
-                           d_ff_expert=self.d_ff_expert, n_shared_experts=self.n_shared_experts, router="softmax",
-                           norm_topk_prob=False, capacity_factor=None, aux_loss_coef=0.0 if loss_free else self.aux_loss_coef,
-                           z_loss_coef=self.z_loss_coef, lb_scope=lb_scope, enable_expert_bias=loss_free,
-                           bias_update_rate=self.bias_update_rate)
+        return self.model.lm_config(vocab_size, router="softmax", norm_topk_prob=False, capacity_factor=None, lb_scope=lb_scope,
+                                    aux_loss_coef=0.0 if loss_free else self.model.aux_loss_coef, enable_expert_bias=loss_free,
+                                    bias_update_rate=self.bias_update_rate)
 
 def run_key(variant: str, # the balance variant
             cfg: ExperimentConfig, # every other setting of the run (seed included)
@@ -170,11 +160,12 @@ test_eq(ExperimentConfig().recipe(), CorpusRecipe())  # the default experiment u
 test_eq(ExperimentConfig().model_config(300, "global").lb_scope, "global")
 test_fail(lambda: ExperimentConfig(steps=2.5), contains="ExperimentConfig.steps must be an int")
 test_fail(lambda: ExperimentConfig(n_micro=0), contains="ExperimentConfig.n_micro must be >= 1")
-test_fail(lambda: ExperimentConfig(top_k=5, n_experts=4), contains="top_k=5 > n_experts=4")
+test_fail(lambda: ExperimentConfig(model=ModelSettings(top_k=5, n_experts=4)), contains="top_k=5 > n_experts=4")
+test_eq(ExperimentConfig(**dataclasses.asdict(ExperimentConfig())), ExperimentConfig())  # round trip through JSON-able data
 test_eq(ExperimentConfig(lr=1).lr, 1)  # an int is a fine float
 test_eq(ExperimentConfig().model_config(300, "micro", loss_free=True).aux_loss_coef, 0.0)
 assert run_key("micro", ExperimentConfig()).startswith("micro-seed0-")
-test_ne(run_key("micro", ExperimentConfig()), run_key("micro", ExperimentConfig(aux_loss_coef=0.1)))  # every field: tests/
+test_ne(run_key("micro", ExperimentConfig()), run_key("micro", ExperimentConfig(model=ModelSettings(aux_loss_coef=0.1))))  # every field: tests/
 
 # %% [markdown]
 # ## The balance variants
@@ -252,7 +243,8 @@ def block_routes(model: torch.nn.Module, # the MoeLM (or DDP-wrapped MoeLM) that
 
 # %%
 seed_everything(seed)
-tiny_cfg = ExperimentConfig(d_model=16, n_heads=2, n_experts=4, top_k=2, d_ff_expert=8)
+tiny_model = ModelSettings(d_model=16, n_heads=2, n_experts=4, top_k=2, d_ff_expert=8, n_shared_experts=1)
+tiny_cfg = ExperimentConfig(model=tiny_model)
 tiny = MoeLM(tiny_cfg.model_config(50, "micro"))
 ids = torch.randint(0, 50, (3, 7))
 with capture_routing(tiny) as cap: tiny(ids); tiny(ids[:1])
@@ -454,7 +446,7 @@ def max_violation(load: torch.Tensor) -> float:
 def evaluate_routing(model: MoeLM, corpus: Corpus, cfg: ExperimentConfig) -> dict:
     "Per-domain validation loss/perplexity, selection frequencies, top-k score sums and micro/global max-violation."
     model = unwrap(model); was_training = model.training; model.eval()
-    layers, n_dom, E, k = moe_layer_indices(model), len(corpus.domains), cfg.n_experts, cfg.top_k
+    layers, n_dom, E, k = moe_layer_indices(model), len(corpus.domains), cfg.model.n_experts, cfg.model.top_k
     counts = torch.zeros(len(layers), n_dom, E, dtype=torch.float64)
     score = torch.zeros(len(layers), n_dom, dtype=torch.float64)
     n_tok = torch.zeros(n_dom, dtype=torch.float64)
@@ -526,12 +518,12 @@ one_expert = torch.zeros(1, 4, 3, 8); one_expert[0, torch.arange(4), :, 2 * torc
 test_close(specialisation(one_expert.sum(2) / 3, 1)["mutual_info"], [math.log(4)], eps=1e-9)
 assert shuffled_label_mi(one_expert, 1) < 0.5 * math.log(4)  # relabelled batches mix the domains' experts
 test_close(shuffled_label_mi(torch.ones(1, 4, 3, 8), 1), 0.0, eps=1e-12)  # identical batches: no information either way
-ev = evaluate_routing(tiny_small := MoeLM(ExperimentConfig(d_model=16, n_heads=2, n_experts=4, top_k=2, d_ff_expert=8).model_config(test_corpus.vocab_size, "micro")),
-                      test_corpus, ExperimentConfig(n_experts=4, top_k=2, batch_size=2, seq_len=16, eval_batches=2))
+ev = evaluate_routing(tiny_small := MoeLM(ExperimentConfig(model=tiny_model).model_config(test_corpus.vocab_size, "micro")),
+                      test_corpus, ExperimentConfig(model=tiny_model, batch_size=2, seq_len=16, eval_batches=2))
 test_close(torch.tensor(ev["freq"]).sum(-1), torch.full((2, 4), 2.0), eps=1e-9)  # k slots per token
 assert all(0.5 - 1e-9 <= s <= 1 + 1e-9 for row in ev["score_sum"] for s in row)  # top-2 of 4 experts: at least 2/4 of the mass
 assert ev["avg_ppl"] > 1 and set(ev["loss"]) == set(test_corpus.domains)
-test_fail(lambda: evaluate_routing(tiny_small, test_corpus, ExperimentConfig(n_experts=4, top_k=2, batch_size=64, seq_len=256, eval_batches=50)),
+test_fail(lambda: evaluate_routing(tiny_small, test_corpus, ExperimentConfig(model=tiny_model, batch_size=64, seq_len=256, eval_batches=50)),
           contains="validation batches of 64x256")
 
 
@@ -611,7 +603,7 @@ def run_variant(variant: str, # one of VARIANTS
 # initialisation, same data) but not the same balance loss.
 
 # %%
-small_cfg = dict(steps=2, n_micro=4, batch_size=2, seq_len=16, d_model=16, n_heads=2, n_experts=4, top_k=2, d_ff_expert=8,
+small_cfg = dict(steps=2, n_micro=4, batch_size=2, seq_len=16, model=dataclasses.asdict(tiny_model),
                  corpus_bytes=60_000, vocab_size=512, eval_batches=1)
 cache = str(test_corpus.path.parent)
 small_runs = {v: run_variant(v, small_cfg, cache_dir=cache) for v in ("micro", "sequence", "global", "global_full", "sampled", "micro_shuffled", "loss_free")}
@@ -763,7 +755,7 @@ def paired_variant(variant: str, # one of VARIANTS (single-process)
     c = ExperimentConfig(**{**cfg, "seed": seed})
     return run_variant(variant, c, ckpt_dir=str(Path(ckpt_root) / run_key(variant, c)) if ckpt_root else None, cache_dir=cache_dir)
 
-def run_experiment(cfg: ExperimentConfig, # settings of the first seed (its aux_loss_coef is replaced by each of `coefs`)
+def run_experiment(cfg: ExperimentConfig, # settings of the first seed (its model.aux_loss_coef is replaced by each of `coefs`)
                    seeds: list[int], # paired seeds
                    variants: dict[float, tuple[str, ...]], # aux-loss coefficient -> the variants run at it
                    workers: int = 2, # processes for the single-process variants (1 = in this process)
@@ -780,7 +772,7 @@ def run_experiment(cfg: ExperimentConfig, # settings of the first seed (its aux_
     bar = progress_bar(total=(n_single + (n_dp > 0)) * len(seeds), enabled=progress, desc="runs")
     results = {}
     for coef, vs in variants.items():
-        c = dataclasses.replace(cfg, aux_loss_coef=float(coef))
+        c = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, aux_loss_coef=float(coef)))
         if single := [v for v in vs if v not in DP_VARIANTS]:
             fn = functools.partial(paired_variant, cfg=dataclasses.asdict(c), ckpt_root=ckpt_root, cache_dir=cache_dir)
             res = paired_runs(fn, single, seeds, config={"experiment": dataclasses.asdict(c), "code": "global_lbl/1"},
@@ -890,9 +882,9 @@ DEVIATIONS = [f"scale: {n_layers}-layer d={d_model} MoeLMs ({n_experts} experts,
 #| slow
 seeds = list(range(seed, seed + n_seeds))
 dev = str(pick_device(device))
-cfg = ExperimentConfig(steps=steps, n_micro=n_micro, batch_size=batch_size, seq_len=seq_len, d_model=d_model, n_layers=n_layers,
-                       n_experts=n_experts, top_k=top_k, d_ff_expert=d_ff_expert, n_shared_experts=n_shared_experts,
-                       aux_loss_coef=lo_c, z_loss_coef=z_loss_coef, lr=lr, corpus_bytes=corpus_bytes, vocab_size=vocab_size,
+model_settings = dataclasses.replace(ExperimentConfig().model, d_model=d_model, n_layers=n_layers, n_experts=n_experts, top_k=top_k,
+                                     d_ff_expert=d_ff_expert, n_shared_experts=n_shared_experts, aux_loss_coef=lo_c, z_loss_coef=z_loss_coef)
+cfg = ExperimentConfig(steps=steps, n_micro=n_micro, batch_size=batch_size, seq_len=seq_len, model=model_settings, lr=lr, corpus_bytes=corpus_bytes, vocab_size=vocab_size,
                        eval_batches=eval_batches, bias_update_rate=bias_update_rate, seed=seed, device=dev)
 single = [v for v in VARIANTS if v not in DP_VARIANTS]
 plan = ({lo_c: tuple(single), hi_c: tuple(v for v in single if v != "loss_free")} if full_grid else
@@ -923,7 +915,7 @@ cols = ["mean_loss"] + [f"loss_{d}" for d in corpus.domains] + ["mutual_info", "
 print(f"{'variant@coef':<20}" + "".join(f"{c:>17}" for c in cols))
 for v, c in runs:
     print(f"{v + '@' + format(c, 'g'):<20}" + "".join(f"{per_seed(k, v, c).mean():>10.4f} ±{per_seed(k, v, c).std(ddof=1) if len(seeds) > 1 else 0:<5.3f}" for k in cols))
-print(f"(mean ± sd over {len(seeds)} seeds; uniform top-k score sum k/E = {cfg.top_k / cfg.n_experts:.3f}; ln V = {math.log(corpus.vocab_size):.2f} nats)")
+print(f"(mean ± sd over {len(seeds)} seeds; uniform top-k score sum k/E = {cfg.model.top_k / cfg.model.n_experts:.3f}; ln V = {math.log(corpus.vocab_size):.2f} nats)")
 if ddp:  # same initialisation and data: 2 ranks x micro scope = 1 process x micro scope (the first step's loss)
     for s in seeds: test_close(results["micro_dp", lo_c, s]["history"][0]["loss"], results["micro", lo_c, s]["history"][0]["loss"], eps=1e-4)
 
@@ -986,7 +978,7 @@ def plot_frequency(freq, title: str, axes) -> None:
     plt.colorbar(im, ax=axes[-1], label="selection frequency")
 
 shown = [(v, lo_c) for v in ("micro", "global", "global_full", "sampled", "loss_free") if (v, lo_c) in runs]
-fig, axes = plt.subplots(len(shown), cfg.n_layers, figsize=(4.2 * cfg.n_layers + 1, 2.1 * len(shown)), squeeze=False)
+fig, axes = plt.subplots(len(shown), cfg.model.n_layers, figsize=(4.2 * cfg.model.n_layers + 1, 2.1 * len(shown)), squeeze=False)
 for (v, c), ax_row in zip(shown, axes): plot_frequency(results[v, c, seeds[0]]["eval"]["freq"], f"{v}@{c:g}", ax_row)
 fig.tight_layout(); plt.show()
 

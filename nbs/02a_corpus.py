@@ -61,7 +61,8 @@ check_rebuild: bool = True  # claim check: rebuild the corpus from scratch in a 
 
 # %%
 #| export
-DOMAINS = ("english", "code", "arithmetic", "unicode")
+DOMAINS = ("english", "code", "arithmetic", "unicode")  # the real domains of the default corpus
+SYNTHETIC_DOMAINS = ("wordchain",)  # generated languages other corpora (moebook.cpt) may use
 SPLITS = ("train", "validation")
 EOS = "<|endoftext|>"
 FORMAT_VERSION = 1  # bump when the way text or tokens are produced changes
@@ -212,6 +213,12 @@ assert all(len(p) <= 4 for p in split_lines("x" * 10 + "\ny\n", 4))
 # - **unicode**: the Unicode character database, one line per named character
 #   (`U+00E9\té\tLATIN SMALL LETTER E WITH ACUTE\tLl`), one source per block of 256 code points; algorithmic
 #   names such as `CJK UNIFIED IDEOGRAPH-4E00` are skipped.
+#
+# One *synthetic* domain is not part of the default corpus (`SYNTHETIC_DOMAINS`): **wordchain**, sentences of
+# 6–16 pseudo-words drawn from a sparse random Markov chain (64 words of 2–7 letters, 4 successors each with
+# random weights, the first word uniform). Its entropy is known and a small model learns it to that floor
+# within a few thousand steps, which real text never allows at this scale: `moebook.cpt` uses it where an
+# experiment needs a *plateaued* pre-training.
 
 # %%
 #| export
@@ -258,6 +265,22 @@ def arithmetic_sources(seed: int = 0, problems_per_block: int = 32) -> Iterator[
             lines.append(f"{a} {op} {b} = {a + b if op == '+' else a - b if op == '-' else a * b}\n")
         yield f"arithmetic:{seed}:{block}", "".join(lines)
 
+def wordchain_sources(seed: int = 0, n_words: int = 64, branching: int = 4, sentences_per_block: int = 32) -> Iterator[tuple[str, str]]:
+    "Endless blocks of sentences of a synthetic language: a sparse random Markov chain over `n_words` pseudo-words."
+    rng = random.Random(stable_hash("wordchain", seed))
+    words: set[str] = set()
+    while len(words) < n_words: words.add("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 7))))
+    vocab = sorted(words)
+    chain = {w: (rng.sample(vocab, branching), [rng.random() + 0.2 for _ in range(branching)]) for w in vocab}
+    for block in range(10**9):
+        r = random.Random(stable_hash("wordchain", seed, block))
+        lines = []
+        for _ in range(sentences_per_block):
+            w = r.choice(vocab); sentence = [w]
+            for _ in range(r.randint(5, 15)): w = r.choices(*chain[w])[0]; sentence.append(w)
+            lines.append(" ".join(sentence) + ".\n")
+        yield f"wordchain:{seed}:{block}", "".join(lines)
+
 def unicode_sources() -> Iterator[tuple[str, str]]:
     "The Unicode character database, one source per block of 256 code points (in hash order)."
     blocks = {}
@@ -274,7 +297,8 @@ def domain_sources(domain: str, recipe: CorpusRecipe) -> Iterator[tuple[str, str
     if domain == "code": return code_sources()
     if domain == "arithmetic": return arithmetic_sources(recipe.arithmetic_seed)
     if domain == "unicode": return unicode_sources()
-    raise KeyError(f"unknown domain {domain!r}; the domains are {DOMAINS}")
+    if domain == "wordchain": return wordchain_sources(recipe.arithmetic_seed)
+    raise KeyError(f"unknown domain {domain!r}; the domains are {DOMAINS + SYNTHETIC_DOMAINS}")
 
 
 # %%
@@ -288,6 +312,15 @@ sid, text = next(english_sources()); assert sid.startswith("pydoc_data.topics:")
 assert "def " in next(code_sources())[1] or "import" in next(code_sources())[1]
 assert "LATIN" in "".join(t for _, t in unicode_sources())
 test_fail(lambda: domain_sources("german", CorpusRecipe()), contains="unknown domain 'german'")
+wc = [t for _, t in zip(range(20), wordchain_sources(0))]
+wc_words = {w for t in wc for w in t.replace(".", "").split()}
+test_eq(len(wc_words), 64)  # the language's whole vocabulary occurs
+nexts = {}
+for t in wc:
+    for line in t.splitlines():
+        ws = line.rstrip(".").split(); [nexts.setdefault(a, set()).add(b) for a, b in zip(ws, ws[1:])]
+assert max(len(v) for v in nexts.values()) <= 4  # each word has at most `branching` successors
+test_eq(next(wordchain_sources(0)), next(wordchain_sources(0))); test_ne(next(wordchain_sources(0))[1], next(wordchain_sources(1))[1])
 
 
 # %% [markdown]
@@ -362,7 +395,7 @@ def train_tokenizer(texts: dict[str, DomainText], recipe: CorpusRecipe):
     "Train the byte-level BPE `tokenizers.Tokenizer` of `recipe` on a fixed sample of each domain's training text."
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     sample = []
-    for domain in DOMAINS:
+    for domain in texts:  # in the given order (the default corpus: DOMAINS)
         budget = recipe.tokenizer_sample_bytes
         for _, text in texts[domain].docs["train"]:
             if budget <= 0: break

@@ -11,13 +11,13 @@ from moebook.cpt import (CHECKPOINT_DIR, DEFAULT_VARIANTS, VARIANTS, CPTConfig, 
                          committed_pretraining, continue_variant, load_cpt_corpus, load_weights, pretrain_variant, replay_weights,
                          run_phase)
 from moebook.core import seed_everything
-from moebook.moe import MoeLM, count_parameters
+from moebook.moe import ModelSettings, MoeLM, count_parameters
 from moebook.train import CHECKPOINT_NAME, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "MOEBOOK_QUIET": "1", "OMP_NUM_THREADS": "1"}
 SMALL = CPTCorpusSpec(d1="english", d2="code", max_bytes_per_domain=50_000, max_doc_bytes=4096, vocab_size=400, tokenizer_sample_bytes=20_000)
-TINY = dict(batch_size=4, seq_len=16, d_model=32, d_ff=32, n_experts=4, eval_every=3, cpt_eval_every=2, eval_batches=1)
+TINY = dict(batch_size=4, seq_len=16, model=ModelSettings(d_ff_expert=32), eval_every=3, cpt_eval_every=2, eval_batches=1)
 
 DRIVER = textwrap.dedent("""
     import json, sys, time
@@ -52,8 +52,8 @@ def corpus_cache(tmp_path_factory):
 
 def changed(value, name):
     "A different valid value for a config field."
-    if name in ("d1", "d2"): return {"english": "unicode", "arithmetic": "code", "code": "unicode"}[value]
-    if name in ("d_ff", "d_model"): return value + 4
+    if name in ("d1", "d2"): return {"wordchain": "arithmetic", "english": "unicode", "arithmetic": "code", "code": "unicode"}[value]
+    if name in ("d_ff_expert", "d_model"): return value + 4
     if name == "n_heads": return value * 2
     if isinstance(value, bool): return not value
     if isinstance(value, int): return value + 1
@@ -68,8 +68,12 @@ def test_key_changes_with_every_setting(monkeypatch):
     for f in dataclasses.fields(CPTCorpusSpec):
         spec = dataclasses.replace(base.corpus, **{f.name: changed(getattr(base.corpus, f.name), f.name)})
         assert dataclasses.replace(base, corpus=spec).key("switch_aux") != k0, f"corpus.{f.name}"
+    for f in dataclasses.fields(ModelSettings):
+        if f.name in ("top_k", "n_shared_experts"): continue  # fixed by the Switch shape (a test below)
+        model = dataclasses.replace(base.model, **{f.name: changed(getattr(base.model, f.name), f.name)})
+        assert dataclasses.replace(base, model=model).key("switch_aux") != k0, f"model.{f.name}"
     for f in dataclasses.fields(CPTConfig):
-        if f.name in ("corpus", "progress", "device"): continue
+        if f.name in ("corpus", "model", "progress", "device"): continue
         c = dataclasses.replace(base, **{f.name: changed(getattr(base, f.name), f.name)})
         assert c.key("switch_aux") != k0, f.name
     # not the model's behaviour: progress bars and the device the run happens on
@@ -90,7 +94,7 @@ def test_models_have_equal_active_parameters():
         if v != "dense": assert p["total"] > 1.5 * dense
     for v in VARIANTS[1:]:  # every MoE token uses k experts of width d_ff/k plus the shared ones
         m = cfg.model_config(v, 512)
-        assert m.num_experts_per_tok * m.d_ff_expert + m.n_shared_experts * m.d_ff_expert == cfg.d_ff
+        assert m.num_experts_per_tok * m.d_ff_expert + m.n_shared_experts * m.d_ff_expert == cfg.model.d_ff_expert
 
 
 def test_cpt_starts_from_the_pretrained_weights(tmp_path, corpus_cache):
@@ -117,7 +121,8 @@ def test_bad_arguments_fail_before_training(tmp_path, corpus_cache):
     with pytest.raises(ValueError, match="unknown variant 'moe'"): pretrain_variant(cfg, "moe", corpus, tmp_path)
     with pytest.raises(ValueError, match="replay must be a fraction"): continue_variant(cfg, "dense", corpus, {}, tmp_path, replays=(0.0, 1.0))
     with pytest.raises(ValueError, match="not the one of cfg.corpus"): pretrain_variant(CPTConfig.scaled(6, 4, **TINY), "dense", corpus, tmp_path)
-    with pytest.raises(ValueError, match="d_ff must divide by 4"): CPTConfig(d_ff=130)
+    with pytest.raises(ValueError, match="d_ff_expert must divide by 4"): CPTConfig(model=ModelSettings(d_ff_expert=130))
+    with pytest.raises(ValueError, match="derive from a Switch model"): CPTConfig(model=ModelSettings(top_k=2))
     assert not any(tmp_path.iterdir())  # nothing was trained or written
 
 
@@ -160,7 +165,8 @@ def test_retraining_reproduces_a_committed_checkpoint():
 def driver(tmp_path, root, cache, out, sleep=0.0):
     script = tmp_path / "cpt_driver.py"
     script.write_text(DRIVER)
-    args = [sys.executable, str(script), str(root), str(cache), str(out), str(sleep), json.dumps(dataclasses.asdict(SMALL)), json.dumps(TINY)]
+    args = [sys.executable, str(script), str(root), str(cache), str(out), str(sleep), json.dumps(dataclasses.asdict(SMALL)),
+            json.dumps({**TINY, "model": dataclasses.asdict(TINY["model"])})]
     return subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from moebook.global_lbl import ExperimentConfig, SampledBalancer, block_routes, make_balancer, run_key
-from moebook.moe import GlobalBalancer, MoeLM, MoeLMConfig, capture_routing, expert_counts, update_expert_bias
+from moebook.moe import GlobalBalancer, MoeLM, MoeLMConfig, ModelSettings, capture_routing, expert_counts, update_expert_bias
 from moebook.train import TrainConfig, batch_rng, run_torchrun, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,11 +195,13 @@ def test_global_full_f_is_the_whole_steps_f_at_every_micro_step():
 def test_run_key_changes_with_every_setting():
     base = ExperimentConfig()
     keys = {run_key("micro", base)}
-    for f in dataclasses.fields(ExperimentConfig):
-        v = getattr(base, f.name)
-        new = "cuda" if f.name == "device" else v + 1 if isinstance(v, int) else v * 2 + 0.5
-        key = run_key("micro", dataclasses.replace(base, **{f.name: new}))
-        assert key not in keys, f"changing {f.name} reuses a checkpoint folder: {key}"
+    bump = lambda v: "cuda" if isinstance(v, str) else v + 1 if isinstance(v, int) else v * 2 + 0.5
+    changes = [{f.name: bump(getattr(base, f.name))} for f in dataclasses.fields(ExperimentConfig) if f.name != "model"]
+    changes += [{"model": dataclasses.replace(base.model, **{f.name: bump(getattr(base.model, f.name))})} for f in dataclasses.fields(ModelSettings)]
+    assert len(changes) == len(dataclasses.fields(ExperimentConfig)) - 1 + len(dataclasses.fields(ModelSettings))
+    for change in changes:
+        key = run_key("micro", dataclasses.replace(base, **change))
+        assert key not in keys, f"changing {change} reuses a checkpoint folder: {key}"
         keys.add(key)
     assert run_key("global", base) not in keys
     assert run_key("micro", base) == run_key("micro", ExperimentConfig())  # and it is stable
@@ -207,7 +209,7 @@ def test_run_key_changes_with_every_setting():
 
 def test_loss_free_bias_moves_against_a_constructed_imbalance():
     "The loss_free model: no balance loss; after a step the bias falls for overloaded experts and rises for idle ones."
-    cfg = ExperimentConfig(d_model=16, n_heads=2, n_experts=4, top_k=2, d_ff_expert=8, bias_update_rate=0.01)
+    cfg = ExperimentConfig(model=ModelSettings(d_model=16, n_heads=2, n_experts=4, top_k=2, d_ff_expert=8, n_shared_experts=1), bias_update_rate=0.01)
     torch.manual_seed(0)
     model = MoeLM(cfg.model_config(VOCAB, "micro", loss_free=True)).train()
     routers = [b.ffn.router for b in model.blocks]
