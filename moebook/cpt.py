@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_moe_cpt.ipynb #08a917d3
 from __future__ import annotations
-import dataclasses, functools, hashlib, json, math, os, platform, re, shutil, subprocess, tempfile, time
+import dataclasses, functools, hashlib, json, platform, re, shutil, tempfile, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .core import atomic_write_text, check_int, seed_everything
+from .core import atomic_write, atomic_write_text, check_int, seed_everything
 from .corpus import DOMAINS, EOS, SYNTHETIC_DOMAINS, Corpus, CorpusRecipe, DomainText, build_once, collect_domain, default_cache_dir, train_tokenizer
 from .evidence import paired_runs, provenance
 from .global_lbl import max_violation
@@ -404,10 +404,8 @@ def _check_corpus(cfg: CPTConfig, corpus: Corpus) -> None:
 def save_weights(model: nn.Module, path: str | Path) -> Path:
     "The model's weights as a safetensors file (fp32, CPU), written atomically."
     from safetensors.torch import save
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     blob = save({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()})
-    tmp = path.with_suffix(".tmp"); tmp.write_bytes(blob); os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda f: f.write(blob))
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file

@@ -20,7 +20,7 @@ __all__ = ['Z_975', 'Z_80', 'MIN_N', 'VERDICTS', 'KINDS', 'SETTINGS', 'DIRECTION
            'PAPER_NOTEBOOKS', 'COLOURS', 'EvidenceError', 'Estimate', 'paired_t', 'paired_bootstrap', 'wilson_rate',
            'coverage', 'Precondition', 'Claim', 'validate', 'judge', 'paired_runs', 'RunClock', 'idle_wall_estimate',
            'provenance', 'seal_runs', 'sealed_runs', 'ledger_markdown', 'show_claims', 'check_record', 'read_claims',
-           'claims_command', 'readme_ledger', 'forest_plot']
+           'agreement', 'claims_command', 'readme_ledger', 'forest_plot']
 
 # %% ../nbs/00a_evidence.ipynb #38ec83ed
 class EvidenceError(ValueError):
@@ -408,6 +408,24 @@ def read_claims(path: str | Path) -> list[dict]:
         if claims: out += [check_record(r, str(run / "metrics.json")) for r in claims]
     if not out: raise EvidenceError(f"{p}: none of its {len(runs)} runs holds claim records")
     return out
+
+def agreement(reference: Sequence[dict], # claim records of one run
+              rerun: Sequence[dict], # records of the same claims from a rerun (another thread count, machine, ...)
+              tolerance: float = 0.25, # allowed |effect difference| as a fraction of the CI half-width
+             ) -> list[dict]: # per claim: both effects, the smaller half-width, their ratio and `agree`
+    "Whether a rerun reproduces every claim's effect to within `tolerance` of the smaller of the two 95 % CI half-widths."
+    ref = {r["id"]: r for r in reference if r.get("status") != "pending"}
+    new = {r["id"]: r for r in rerun if r.get("status") != "pending"}
+    if set(ref) != set(new): raise EvidenceError(f"the runs judge different claims: {sorted(set(ref) ^ set(new))}")
+    rows = []
+    for cid, a in ref.items():
+        b = new[cid]
+        half = min(a["ci"][1] - a["ci"][0], b["ci"][1] - b["ci"][0]) / 2
+        gap = abs(b["effect"] - a["effect"])
+        ratio = gap / half if half > 0 else (0.0 if gap == 0 else math.inf)
+        rows.append({"id": cid, "effect": a["effect"], "rerun_effect": b["effect"], "half_width": half, "ratio": ratio,
+                     "agree": ratio <= tolerance, "verdict": a["verdict"], "rerun_verdict": b["verdict"]})
+    return rows
 
 # %% ../nbs/00a_evidence.ipynb #ce55400b
 PAPER_NOTEBOOKS = ("02_global_lbl.ipynb", "03_moe_cpt.ipynb", "04_mtti_ensad.ipynb", "05_vidcap_pseudolabels.ipynb",

@@ -558,6 +558,10 @@ def show_claims(claims: Sequence[Claim], # the notebook's claims, with estimates
 # `read_claims` accepts a committed (executed) notebook, a run folder written by `moebook run`, or a folder
 # of runs. A paper notebook whose claim check has not yet been ported to this standard yields `pending`
 # rows, one per paper claim, naming the issue that ports it.
+#
+# `agreement` compares two runs of the same claims (another thread count or machine): a rerun reproduces a
+# claim when its effect moves by at most a quarter of the smaller 95 % CI half-width, a change no verdict
+# should hinge on.
 
 # %%
 #| export
@@ -612,6 +616,24 @@ def read_claims(path: str | Path) -> list[dict]:
     if not out: raise EvidenceError(f"{p}: none of its {len(runs)} runs holds claim records")
     return out
 
+def agreement(reference: Sequence[dict], # claim records of one run
+              rerun: Sequence[dict], # records of the same claims from a rerun (another thread count, machine, ...)
+              tolerance: float = 0.25, # allowed |effect difference| as a fraction of the CI half-width
+             ) -> list[dict]: # per claim: both effects, the smaller half-width, their ratio and `agree`
+    "Whether a rerun reproduces every claim's effect to within `tolerance` of the smaller of the two 95 % CI half-widths."
+    ref = {r["id"]: r for r in reference if r.get("status") != "pending"}
+    new = {r["id"]: r for r in rerun if r.get("status") != "pending"}
+    if set(ref) != set(new): raise EvidenceError(f"the runs judge different claims: {sorted(set(ref) ^ set(new))}")
+    rows = []
+    for cid, a in ref.items():
+        b = new[cid]
+        half = min(a["ci"][1] - a["ci"][0], b["ci"][1] - b["ci"][0]) / 2
+        gap = abs(b["effect"] - a["effect"])
+        ratio = gap / half if half > 0 else (0.0 if gap == 0 else math.inf)
+        rows.append({"id": cid, "effect": a["effect"], "rerun_effect": b["effect"], "half_width": half, "ratio": ratio,
+                     "agree": ratio <= tolerance, "verdict": a["verdict"], "rerun_verdict": b["verdict"]})
+    return rows
+
 
 # %% [markdown]
 # ## The command line and the README
@@ -658,6 +680,11 @@ with tempfile.TemporaryDirectory() as d:
     (run / "metrics.json").write_text(json.dumps({"status": "ok", "metrics": {"claims": [{**demo[0], "verdict": "probably"}]}}))
     test_fail(lambda: read_claims(run), contains="not one of")
 test_fail(lambda: read_claims("nope.ipynb"), contains="no such file")
+shift = lambda r, frac: {**r, "effect": r["effect"] + frac * (r["ci"][1] - r["ci"][0]) / 2}
+test_eq([row["agree"] for row in agreement(demo, [shift(demo[0], 0.2)])], [True])
+test_eq([row["agree"] for row in agreement(demo, [shift(demo[0], -0.3)])], [False])
+test_close(agreement(demo, [shift(demo[0], 0.2)])[0]["ratio"], 0.2, eps=1e-9)
+test_fail(lambda: agreement(demo, [{**demo[0], "id": "other"}]), contains="judge different claims")
 pending_demo = {"notebook": "07_example.ipynb", "id": "1", "claim": "a claim whose notebook is not ported yet", "status": "pending", "issue": 99}
 display(Markdown(ledger_markdown(demo + [pending_demo])))
 

@@ -312,7 +312,7 @@ sid, text = next(english_sources()); assert sid.startswith("pydoc_data.topics:")
 assert "def " in next(code_sources())[1] or "import" in next(code_sources())[1]
 assert "LATIN" in "".join(t for _, t in unicode_sources())
 test_fail(lambda: domain_sources("german", CorpusRecipe()), contains="unknown domain 'german'")
-wc = [t for _, t in zip(range(20), wordchain_sources(0))]
+wc = [t for _, (_, t) in zip(range(20), wordchain_sources(0))]
 wc_words = {w for t in wc for w in t.replace(".", "").split()}
 test_eq(len(wc_words), 64)  # the language's whole vocabulary occurs
 nexts = {}

@@ -75,7 +75,7 @@ show_runs: bool = False  # list the recorded runs below the summary
 # | [MoE core](01_moe.ipynb) | routers (top-k, Switch, DeepSeek fine-grained + shared, Sinkhorn), LBL and z-loss, grouped dispatch, telemetry, `MoeLM` | `moebook.moe` | 1 min |
 # | [Training loop](01a_train.ipynb) | AdamW + accumulation, atomic checkpoints with exact resume, DDP via `torchrun` | `moebook.train` | 1 min |
 # | [Learning-rate schedules](01b_schedules.ipynb) | warmup + cosine, re-warm/re-decay, infinite schedules (Ibrahim et al. 2024) | `moebook.schedules` | 10 s |
-# | [Multi-domain corpus](02a_corpus.ipynb) | English / Python code / arithmetic / Unicode text from the Python install, byte-level BPE | `moebook.corpus` | 20 s |
+# | [Multi-domain corpus](02a_corpus.ipynb) | English / Python code / arithmetic / Unicode text from the Python install, a synthetic word-chain language, byte-level BPE | `moebook.corpus` | 20 s |
 # | [Global-batch load balancing](02_global_lbl.ipynb) | Qiu et al. 2025, "Demons in the Detail" (arXiv 2501.11873) | `moebook.global_lbl` | 3 min |
 # | [Continual pre-training of MoEs](03_moe_cpt.ipynb) | Thérien et al. 2025, "How robust is your router?" (arXiv 2503.05029) | `moebook.cpt` | 1.5 min* |
 # | [Multilingual text-to-image (EnsAd)](04_mtti_ensad.ipynb) | Li et al., ACL 2023 (arXiv 2305.19216) | `moebook.mtti` | 6 min* |
