@@ -446,7 +446,7 @@ def summarise(results: dict[tuple[str, float, int], dict]) -> list[dict]:
     "One row per (variant, coefficient, seed): per-domain loss, specialisation (and its shuffled-label value), balance, score sum, step time."
     rows = []
     for (v, coef, s), r in sorted(results.items(), key=lambda kv: (VARIANTS.index(kv[0][0]), kv[0][1], kv[0][2])):
-        ev, k = r["eval"], r["config"]["top_k"]
+        ev, k = r["eval"], r["config"]["model"]["top_k"]
         spec = specialisation(ev["freq"], k)
         rows.append({"variant": v, "coef": coef, "seed": s, "mean_loss": ev["mean_loss"], **{f"loss_{d}": x for d, x in ev["loss"].items()},
                      "avg_ppl": ev["avg_ppl"], "mutual_info": float(np.mean(spec["mutual_info"])),
