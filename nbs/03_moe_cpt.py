@@ -72,7 +72,7 @@ from fastcore.test import test_eq, test_ne, test_fail, test_close
 from moebook.core import pick_device, record_metrics
 from moebook.moe import MoEConfig, MoELayer, routing_stats
 from moebook.schedules import schedule_values
-from moebook.evidence import Claim, Precondition, paired_t, show_claims, forest_plot, RunClock
+from moebook.evidence import Claim, Precondition, agreement, paired_t, show_claims, forest_plot, RunClock
 from scipy import stats
 
 # %%
@@ -1310,6 +1310,31 @@ record_metrics(rows={f"{v}-seed{s}": r for (v, s), r in rows.items()}, near_dupl
 #| slow
 for r in records: print(f"{r['id']:>4} {r['verdict']:<18} {r['reason']}")
 forest_plot(records); plt.tight_layout(); plt.show()
+
+# %% [markdown]
+# ### Does the result depend on the thread count?
+#
+# Top-1 routing can amplify floating-point differences (an outside referee once saw a Switch run change
+# across machines), so the default run was repeated with `threads=2`: every worker's torch then uses other
+# kernels and summation orders. `data/results/cpt_rerun_threads2.json` holds that run's claim records with the
+# command and commit that made it; `moebook.evidence.agreement` asks whether each effect moved by at most a
+# quarter of its 95 % CI half-width.
+
+# %%
+#| slow
+RERUN = CHECKPOINT_DIR.parent / "results" / "cpt_rerun_threads2.json"
+rerun = json.loads(RERUN.read_text()) if RERUN.exists() else None
+without_threads = lambda p: {k: v for k, v in p.items() if k != "threads"}
+if rerun is not None and without_threads(rerun["records"][0]["params"]) == without_threads(run_params):
+    agree = agreement(records, rerun["records"])
+    print(f"rerun: `{rerun['command']}` at commit {rerun['commit'][:10]} (dirty={rerun['dirty']}): threads "
+          f"{rerun['records'][0]['params']['threads']} per worker; this run: {threads}")
+    for a in agree:
+        print(f"{a['id']:>4}  effect {a['effect']:+.4f} vs {a['rerun_effect']:+.4f}  |difference| / half-width {a['ratio']:.3f}  "
+              f"{'agree' if a['agree'] else 'DIFFER'}  ({a['verdict']} / {a['rerun_verdict']})")
+    print(f"{sum(a['agree'] for a in agree)} of {len(agree)} effects agree within 0.25 of their CI half-widths")
+    record_metrics(thread_agreement=agree)
+else: print(f"no rerun with this run's parameters in {RERUN.name}: make one with the command it records")
 
 # %% [markdown]
 # ### Discussion
