@@ -5,7 +5,7 @@
 # %% ../nbs/00a_evidence.ipynb #ae46ca0e
 from __future__ import annotations
 import concurrent.futures as cf
-import dataclasses, hashlib, json, math, multiprocessing, os, subprocess, sys, time
+import dataclasses, functools, hashlib, json, math, multiprocessing, os, subprocess, sys, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -213,6 +213,11 @@ def judge(c: Claim) -> Claim:
 def _key(config: dict, variant: str, seed: int) -> str:
     return hashlib.sha256(json.dumps(to_jsonable([config, variant, seed]), sort_keys=True).encode()).hexdigest()[:20]
 
+def _importable(fn: Callable) -> bool:
+    "Whether a spawned process can import `fn` (a module-level function, or a partial of one; not one defined in a notebook)."
+    f = fn.func if isinstance(fn, functools.partial) else fn
+    return getattr(f, "__module__", "__main__") != "__main__" and "<locals>" not in getattr(f, "__qualname__", "<locals>")
+
 def _call(fn: Callable, variant: str, seed: int, threads: int | None):
     if threads:
         import torch; torch.set_num_threads(threads)
@@ -224,8 +229,8 @@ def paired_runs(fn: Callable[[str, int], dict], # fn(variant, seed) -> JSON-able
                 config: dict | None = None, # every setting the results depend on (part of the cache key)
                 cache_dir: str | Path | None = None, # if set, each result is saved there and reused on resume
                 reuse: Sequence[str | Path] = (), # read-only folders of earlier results (e.g. sealed, committed ones), looked up first
-                workers: int = 1, # processes; >1 forks workers (CPU only: CUDA cannot be forked)
-                threads_per_worker: int | None = None, # torch threads in each worker (default: cores // workers)
+                workers: int = 1, # processes; >1 forks workers (CPU only: CUDA cannot be forked), or spawns them for >1 thread each
+                threads_per_worker: int | None = None, # torch threads in each worker (default: cores // workers, 1 if `fn` is not importable)
                 progress: Callable | None = None, # called as progress(done, total, variant, seed) after each result
                ) -> dict[tuple[str, int], dict]: # result of every (variant, seed)
     "Run `fn` for every variant on every seed (cached, optionally in parallel) and return the results."
@@ -250,8 +255,13 @@ def paired_runs(fn: Callable[[str, int], dict], # fn(variant, seed) -> JSON-able
     if workers == 1 or len(todo) <= 1:
         for v, s, p in todo: done(v, s, p, _call(fn, v, s, None))
     else:
-        threads = threads_per_worker or max(1, (os.cpu_count() or 1) // workers)
-        with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as ex:
+        threads, method = threads_per_worker or max(1, (os.cpu_count() or 1) // workers), "fork"
+        if threads > 1:  # OpenMP's thread pool does not survive fork: a forked worker using > 1 thread can hang
+            if _importable(fn): method = "spawn"
+            elif threads_per_worker: raise EvidenceError(f"threads_per_worker={threads_per_worker} needs spawned workers, which must import fn; "
+                                                         f"{fn!r} is defined in a notebook or function: move it to a module or use 1 thread")
+            else: threads = 1
+        with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as ex:
             futs = {ex.submit(_call, fn, v, s, threads): (v, s, p) for v, s, p in todo}
             for f in cf.as_completed(futs): done(*futs[f], f.result())
     return {(v, s): out[(v, s)] for s in seeds for v in variants}

@@ -146,6 +146,24 @@ def test_paired_runs_pairs_resumes_and_parallelises(tmp_path):
     assert calls[-1] == ("A", 0) and other[("A", 0)] == r[("A", 0)]  # another config is another cache key
 
 
+def _threads_used(variant, seed):
+    import torch
+    a = torch.randn(256, 256)
+    for _ in range(5): a = torch.tanh(a @ a)  # parallel regions: a forked child hangs here once its parent has used them
+    return {"threads": torch.get_num_threads()}
+
+
+@pytest.mark.timeout(180, method="thread")  # the bug is a hang: end the whole session rather than wait on it
+def test_paired_runs_with_two_threads_per_worker_finish():
+    "Workers with > 1 torch thread are spawned: forked ones hang in OpenMP after the parent used its thread pool."
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(2); x = torch.randn(512, 512); (x @ x).sum()  # the parent's thread pool is live
+    try: res = ev.paired_runs(_threads_used, ["A", "B"], [0], workers=2, threads_per_worker=2)
+    finally: torch.set_num_threads(before)
+    assert {r["threads"] for r in res.values()} == {2}
+
+
 # --- records in files
 def _record(**kw):
     c = ev.judge(_claim(setting="default", commit="abc", dirty=False).with_estimate(_est(1.0, 0.8, 1.2)))
