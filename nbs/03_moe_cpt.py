@@ -1335,7 +1335,8 @@ if rerun is not None and without_threads(rerun["records"][0]["params"]) == witho
               f"{'agree' if a['agree'] else 'DIFFER'}  ({a['verdict']} / {a['rerun_verdict']})")
     print(f"{sum(a['agree'] for a in agree)} of {len(agree)} effects agree within 0.25 of their CI half-widths")
     record_metrics(thread_agreement=agree)
-else: print(f"no rerun with this run's parameters in {RERUN.name}: make one with the command it records")
+else: print(f"no rerun with this run's parameters in data/results/{RERUN.name}: make one with `moebook run nbs/03_moe_cpt.ipynb "
+           "-p threads 2` and store its claim records there (command, commit, dirty, records)")
 
 # %% [markdown]
 # ### Discussion
