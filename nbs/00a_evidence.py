@@ -437,7 +437,7 @@ with tempfile.TemporaryDirectory() as d:
     test_fail(lambda: paired_runs(_toy, ["A"], [0], reuse=[f"{d}/nope"]), contains="reuse folders not found")
 test_fail(lambda: paired_runs(_toy, ["A", "A"], [0]), contains="unique")
 test_fail(lambda: paired_runs(_toy, ["A", "B"], [0], workers=2, threads_per_worker=2), contains="needs spawned workers")
-test_eq((_importable(_toy), _importable(functools.partial(paired_t, [1.0]))), (False, True))  # a notebook's function; a module's
+test_eq((_importable(_toy), _importable(functools.partial(json.dumps, indent=1))), (False, True))  # a notebook's function; a module's
 
 
 # %% [markdown]
