@@ -66,6 +66,7 @@ from moebook.train import TrainConfig, train
 
 # %%
 import math, time
+import moebook.cpt
 import matplotlib.pyplot as plt
 from IPython.display import Markdown, display
 from fastcore.test import test_eq, test_ne, test_fail, test_close
@@ -1119,8 +1120,7 @@ else:
 pretrain_s = time.time() - t0
 weights = {f"{v}-seed{s}": r["weights"] for (v, s), r in pre.items()}
 t0 = time.time()
-import moebook.cpt  # workers with threads > 1 are spawned: they import the job from the package, not from this notebook
-fn = functools.partial(moebook.cpt._cpt_job, cfg=dataclasses.asdict(cfg), root=str(root / "cpt"), weights=weights, replays=replay_list,
+fn = functools.partial(moebook.cpt._cpt_job,  # from the package: workers with threads > 1 are spawned and import it cfg=dataclasses.asdict(cfg), root=str(root / "cpt"), weights=weights, replays=replay_list,
                        infinite_replay=infinite_replay, cache_dir=None)
 res = paired_runs(fn, run_variants, seeds, workers=workers_used, threads_per_worker=threads)
 cpt_s = time.time() - t0

@@ -153,6 +153,7 @@ def _threads_used(variant, seed):
     return {"threads": torch.get_num_threads()}
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180, method="thread")  # the bug is a hang: end the whole session rather than wait on it
 def test_paired_runs_with_two_threads_per_worker_finish():
     "Workers with > 1 torch thread are spawned: forked ones hang in OpenMP after the parent used its thread pool."
