@@ -1120,7 +1120,8 @@ else:
 pretrain_s = time.time() - t0
 weights = {f"{v}-seed{s}": r["weights"] for (v, s), r in pre.items()}
 t0 = time.time()
-fn = functools.partial(moebook.cpt._cpt_job,  # from the package: workers with threads > 1 are spawned and import it cfg=dataclasses.asdict(cfg), root=str(root / "cpt"), weights=weights, replays=replay_list,
+# the job comes from the package, not this notebook: workers with threads > 1 are spawned and import it
+fn = functools.partial(moebook.cpt._cpt_job, cfg=dataclasses.asdict(cfg), root=str(root / "cpt"), weights=weights, replays=replay_list,
                        infinite_replay=infinite_replay, cache_dir=None)
 res = paired_runs(fn, run_variants, seeds, workers=workers_used, threads_per_worker=threads)
 cpt_s = time.time() - t0
