@@ -230,7 +230,7 @@ def paired_runs(fn: Callable[[str, int], dict], # fn(variant, seed) -> JSON-able
                 cache_dir: str | Path | None = None, # if set, each result is saved there and reused on resume
                 reuse: Sequence[str | Path] = (), # read-only folders of earlier results (e.g. sealed, committed ones), looked up first
                 workers: int = 1, # processes; >1 forks workers (CPU only: CUDA cannot be forked), or spawns them for >1 thread each
-                threads_per_worker: int | None = None, # torch threads in each worker (default: cores // workers, 1 if `fn` is not importable)
+                threads_per_worker: int | None = None, # torch threads per run (default: cores // workers, 1 if `fn` is not importable; in-process: unchanged)
                 progress: Callable | None = None, # called as progress(done, total, variant, seed) after each result
                ) -> dict[tuple[str, int], dict]: # result of every (variant, seed)
     "Run `fn` for every variant on every seed (cached, optionally in parallel) and return the results."
@@ -252,8 +252,12 @@ def paired_runs(fn: Callable[[str, int], dict], # fn(variant, seed) -> JSON-able
         if p is not None: atomic_write_text(p, json.dumps(r))
         out[(v, s)] = r
         if progress: progress(len(out), len(variants) * len(seeds), v, s)
-    if workers == 1 or len(todo) <= 1:
-        for v, s, p in todo: done(v, s, p, _call(fn, v, s, None))
+    if workers == 1 or len(todo) <= 1:  # in this process: `threads_per_worker` holds here too, and the caller's count comes back
+        if threads_per_worker: import torch; before = torch.get_num_threads()
+        try:
+            for v, s, p in todo: done(v, s, p, _call(fn, v, s, threads_per_worker))
+        finally:
+            if threads_per_worker: torch.set_num_threads(before)
     else:
         threads, method = threads_per_worker or max(1, (os.cpu_count() or 1) // workers), "fork"
         if threads > 1:  # OpenMP's thread pool does not survive fork: a forked worker using > 1 thread can hang

@@ -1317,27 +1317,30 @@ forest_plot(records); plt.tight_layout(); plt.show()
 # ### Does the result depend on the thread count?
 #
 # Top-1 routing can amplify floating-point differences (an outside referee once saw a Switch run change
-# across machines), so the default run was repeated with `threads=2`: every worker's torch then uses other
-# kernels and summation orders. `data/results/cpt_rerun_threads2.json` holds that run's claim records with the
-# command and commit that made it; `moebook.evidence.agreement` asks whether each effect moved by at most a
-# quarter of its 95 % CI half-width.
+# across machines), so the default run was repeated in one process with two torch threads
+# (`-p workers 1 -p threads 2`; the default runs two processes of one thread each): torch then uses other kernels
+# and summation orders. `data/results/cpt_rerun_threads2.json` holds that run's claim records with the command
+# and commit that made it; `moebook.evidence.agreement` asks whether each effect moved by at most a quarter of its
+# 95 % CI half-width. `workers` and `threads` decide only how the runs are executed, so they are the only
+# parameters allowed to differ.
 
 # %%
 #| slow
 RERUN = CHECKPOINT_DIR.parent / "results" / "cpt_rerun_threads2.json"
 rerun = json.loads(RERUN.read_text()) if RERUN.exists() else None
-without_threads = lambda p: {k: v for k, v in p.items() if k != "threads"}
-if rerun is not None and without_threads(rerun["records"][0]["params"]) == without_threads(run_params):
+execution_free = lambda p: {k: v for k, v in p.items() if k not in ("workers", "threads")}
+if rerun is not None and execution_free(rerun["records"][0]["params"]) == execution_free(run_params):
     agree = agreement(records, rerun["records"])
-    print(f"rerun: `{rerun['command']}` at commit {rerun['commit'][:10]} (dirty={rerun['dirty']}): threads "
-          f"{rerun['records'][0]['params']['threads']} per worker; this run: {threads}")
+    rp = rerun["records"][0]["params"]
+    print(f"rerun: `{rerun['command']}` at commit {rerun['commit'][:10]} (dirty={rerun['dirty']}): {rp['workers']} worker(s) x "
+          f"{rp['threads']} thread(s); this run: {workers_used} x {threads}")
     for a in agree:
         print(f"{a['id']:>4}  effect {a['effect']:+.4f} vs {a['rerun_effect']:+.4f}  |difference| / half-width {a['ratio']:.3f}  "
               f"{'agree' if a['agree'] else 'DIFFER'}  ({a['verdict']} / {a['rerun_verdict']})")
     print(f"{sum(a['agree'] for a in agree)} of {len(agree)} effects agree within 0.25 of their CI half-widths")
     record_metrics(thread_agreement=agree)
 else: print(f"no rerun with this run's parameters in data/results/{RERUN.name}: make one with `moebook run nbs/03_moe_cpt.ipynb "
-           "-p threads 2` and store its claim records there (command, commit, dirty, records)")
+           "-p workers 1 -p threads 2` and store its claim records there (command, commit, dirty, records)")
 
 # %% [markdown]
 # ### Discussion
