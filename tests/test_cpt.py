@@ -198,3 +198,17 @@ def test_sigkill_during_cpt_then_resume_gives_identical_metrics(tmp_path, corpus
     final = a["cpt_r0.3"][-1]
     assert final["step"] == 10 and {"eval_d1_loss", "eval_d2_loss", "eval_d1_mri_l0", "eval_drift_l1", "eval_d1_gate_l0"} <= set(final)
     assert final["eval_drift_l0"] > 0  # the run really changed the routing, so equal drift is a real check
+
+
+def test_thread_rerun_agrees_with_the_committed_run():
+    "data/results/cpt_rerun_threads2.json is the default run in 1 process x 2 threads; every effect agrees with the committed notebook's (2 x 1)."
+    from moebook.evidence import agreement, read_claims
+    rerun = json.loads((ROOT / "data" / "results" / "cpt_rerun_threads2.json").read_text())
+    committed = read_claims(ROOT / "nbs" / "03_moe_cpt.ipynb")
+    execution = ("workers", "threads")
+    params = lambda r: {k: v for k, v in r["params"].items() if k not in execution}
+    assert params(rerun["records"][0]) == params(committed[0]) and committed[0]["setting"] == "default"
+    assert [rerun["records"][0]["params"][k] for k in execution] == [1, 2] != [committed[0]["params"][k] for k in execution]
+    assert rerun["commit"] and rerun["dirty"] is False
+    rows = agreement(committed, rerun["records"])
+    assert len(rows) == len(committed) == 12 and all(r["agree"] for r in rows), [r for r in rows if not r["agree"]]
