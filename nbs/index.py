@@ -77,7 +77,7 @@ show_runs: bool = False  # list the recorded runs below the summary
 # | [Learning-rate schedules](01b_schedules.ipynb) | warmup + cosine, re-warm/re-decay, infinite schedules (Ibrahim et al. 2024) | `moebook.schedules` | 10 s |
 # | [Multi-domain corpus](02a_corpus.ipynb) | English / Python code / arithmetic / Unicode text from the Python install, a synthetic word-chain language, byte-level BPE | `moebook.corpus` | 20 s |
 # | [Global-batch load balancing](02_global_lbl.ipynb) | Qiu et al. 2025, "Demons in the Detail" (arXiv 2501.11873) | `moebook.global_lbl` | 3 min |
-# | [Continual pre-training of MoEs](03_moe_cpt.ipynb) | Thérien et al. 2025, "How robust is your router?" (arXiv 2503.05029) | `moebook.cpt` | 9 min* |
+# | [Continual pre-training of MoEs](03_moe_cpt.ipynb) | Thérien et al. 2025, "How robust is your router?" (arXiv 2503.05029) | `moebook.cpt` | 8 min* |
 # | [Multilingual text-to-image (EnsAd)](04_mtti_ensad.ipynb) | Li et al., ACL 2023 (arXiv 2305.19216) | `moebook.mtti` | 6 min* |
 # | [Video captioning from pseudolabels](05_vidcap_pseudolabels.ipynb) | Lialin et al. 2023 (arXiv 2304.02080) | `moebook.vidcap` | 10 s* |
 # | [Causal world models](06_causal_world_models.ipynb) | Gkountouras et al., ICLR 2025 (arXiv 2410.19923) | `moebook.causal` | 1 min* |
@@ -90,7 +90,7 @@ show_runs: bool = False  # list the recorded runs below the summary
 # (measured 2026-11-23). \*Redesigned on 2026-12-02 and executed on a loaded machine, so the time is the one
 # the claim records give (whole notebook after the imports; wall time when the load was ≤ 2, else CPU-seconds /
 # 2): mTTI 734 CPU-s; video captioning loads its 60 sealed runs (`data/vidcap_runs`, 4,117 CPU-s to make, about
-# 34 idle minutes, `-p evidence_runs ""`); CPT loads its committed pre-trained models (974 CPU-s, 536 s wall); causal world models load their committed checkpoints (113 CPU-s).
+# 34 idle minutes, `-p evidence_runs ""`); CPT loads its committed pre-trained models (837 CPU-s, 450 s wall at an idle load of 0.7); causal world models load their committed checkpoints (113 CPU-s).
 # Kernel start-up and imports add about 20 s to each.
 #
 # Benchmarks live in `benchmarks/` (see its README for the commands and the recorded JSON results).
