@@ -381,7 +381,7 @@ def paired_runs(fn: Callable[[str, int], dict], # fn(variant, seed) -> JSON-able
                 cache_dir: str | Path | None = None, # if set, each result is saved there and reused on resume
                 reuse: Sequence[str | Path] = (), # read-only folders of earlier results (e.g. sealed, committed ones), looked up first
                 workers: int = 1, # processes; >1 forks workers (CPU only: CUDA cannot be forked), or spawns them for >1 thread each
-                threads_per_worker: int | None = None, # torch threads per run (default: cores // workers, 1 if `fn` is not importable; in-process: unchanged)
+                threads_per_worker: int | None = None, # torch threads per run (default: cores // workers in worker processes, 1 if `fn` is not importable; this process's count in-process)
                 progress: Callable | None = None, # called as progress(done, total, variant, seed) after each result
                ) -> dict[tuple[str, int], dict]: # result of every (variant, seed)
     "Run `fn` for every variant on every seed (cached, optionally in parallel) and return the results."
