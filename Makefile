@@ -80,7 +80,7 @@ run: install
 # Each notebook runs once, as a papermill smoke run with its smallest parameters (tests/test_notebooks.py):
 # that executes every cell, unit tests included, so nbdev_test would only run them a second time.
 test: install
-	$(call PYTEST,$(BIN)) -n $(TEST_WORKERS) --dist loadfile -m "not retrain" tests
+	$(call PYTEST,$(BIN)) -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder -m "not retrain" tests
 
 test-retrain: install
 	$(call PYTEST,$(BIN)) -m retrain tests

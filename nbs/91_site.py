@@ -26,7 +26,7 @@
 # %%
 #| export
 from __future__ import annotations
-import ast, contextlib, copy, html, json, os, posixpath, re, shutil, subprocess
+import ast, concurrent.futures as cf, contextlib, copy, html, importlib, json, multiprocessing, os, posixpath, re, shutil, subprocess
 from pathlib import Path
 from typing import Iterable
 
@@ -128,25 +128,31 @@ def process_notebooks(sources: list[Path], # notebooks to process
                       dest: Path, # folder that receives the processed notebooks
                       root: Path, # project root (nbdev reads `settings.ini` there)
                      ) -> list[Path]:
-    "Apply nbdev's documentation processors (what `nbdev_proc_nbs` does) to `sources`, writing into `dest`."
+    """Apply nbdev's documentation processors (what `nbdev_proc_nbs` does) to `sources`, writing into `dest`.
+
+    nbdev runs each notebook's export and `show_doc` cells to do it. They run in a spawned child process, so what
+    they define or register (a `transformers` Auto class, torch settings, seeds) never reaches the caller's process."""
+    dest.mkdir(parents=True, exist_ok=True)
+    # by name, from the package: a function defined in a notebook cannot be imported by the spawned process
+    work = importlib.import_module("moebook.site")._process_notebooks_here
+    with cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(work, sources, dest, root).result()
+
+def _process_notebooks_here(sources: list[Path], dest: Path, root: Path) -> list[Path]:
+    "`process_notebooks`' work, in the process it runs in (the child: it sets the environment and cwd for good)."
     from execnb.nbio import read_nb, write_nb
     from nbdev.processors import FilterDefaults
-    dest.mkdir(parents=True, exist_ok=True)
-    out, old = [], os.environ.get("IN_TEST")
     os.environ["IN_TEST"] = "1"  # as nbdev does while processing: notebooks may check it
-    try:
-        with contextlib.chdir(root / "nbs"):  # show_doc cells run where the notebook lives
-            for src in sources:
-                nb = read_nb(src)
-                description = summary(nb)
-                FilterDefaults()(nb)
-                if description: _set_description(nb, description)
-                for c in nb.cells: c.pop("has_sd", None)  # nbdev's private mark, not nbformat: readers would log an error
-                write_nb(nb, dest / src.name)
-                out.append(dest / src.name)
-    finally:
-        if old is None: os.environ.pop("IN_TEST", None)
-        else: os.environ["IN_TEST"] = old
+    os.chdir(root / "nbs")  # show_doc cells run where the notebook lives
+    out = []
+    for src in sources:
+        nb = read_nb(src)
+        description = summary(nb)
+        FilterDefaults()(nb)
+        if description: _set_description(nb, description)
+        for c in nb.cells: c.pop("has_sd", None)  # nbdev's private mark, not nbformat: readers would log an error
+        write_nb(nb, dest / src.name)
+        out.append(dest / src.name)
     return out
 
 

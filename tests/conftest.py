@@ -41,3 +41,35 @@ def no_process_in_fast_tests(request, monkeypatch):
         raise RuntimeError(f"{request.node.nodeid} starts a process: mark it @pytest.mark.slow (or distributed)")
     monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
     monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)
+
+
+# ------------------------------------------------------------------ how `make test` splits the work (pytest-xdist)
+# `make test` runs `pytest -n 2 --dist loadgroup --no-loadscope-reorder`: xdist hands out work units in the order
+# below, one at a time to whichever process is free. A test file whose tests share module fixtures is one unit
+# (its fixtures are built once); the two website files share one site build; notebook smoke runs and `moebook run`
+# tests start their own processes and share nothing, so each is its own unit and they spread over both processes.
+# The long units go first, so that neither process is left with a long one at the end while the other idles.
+INDEPENDENT_TESTS = {"test_notebooks.py", "test_runner.py"}
+SHARED_GROUPS = {"test_site.py": "website", "test_site_browser.py": "website"}
+FIRST = ["website", "test_moe.py", "test_notebooks.py", "test_runner.py"]  # then every other file, in name order
+
+
+def xdist_group(item) -> str | None:
+    "The unit `item` is scheduled with: its file (or a group of files), or None when it can run on its own."
+    name = item.path.name
+    return None if name in INDEPENDENT_TESTS else SHARED_GROUPS.get(name, name)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group markers
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if (group := xdist_group(item)) is not None: item.add_marker(pytest.mark.xdist_group(group))
+    rank = lambda item: FIRST.index(k) if (k := xdist_group(item) or item.path.name) in FIRST else len(FIRST)
+    items.sort(key=rank)  # stable: the order within a file is kept
+
+
+@pytest.fixture(scope="session")
+def fallback_site(tmp_path_factory):
+    "The site's nbconvert preview, built once per test process (tests/test_site.py and test_site_browser.py read it)."
+    from moebook.site import build_site
+    return build_site(out=tmp_path_factory.mktemp("site") / "_site", use_quarto=False)

@@ -1,6 +1,7 @@
 "The website: the fallback preview is tested here; the Quarto render where quarto exists."
 import html
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -12,11 +13,6 @@ import pytest
 from conftest import NBS, ROOT, notebooks
 from moebook.runner import read_parameters
 from moebook.site import build_site, readme_text, render_fallback, sidebar_entries
-
-
-@pytest.fixture(scope="module")
-def fallback_site(tmp_path_factory):
-    return build_site(out=tmp_path_factory.mktemp("site") / "site", use_quarto=False)
 
 
 @pytest.mark.slow
@@ -52,6 +48,19 @@ def test_figures_are_embedded(fallback_site):
                     if c.cell_type == "code" for o in c.outputs)
         page = (fallback_site / f"{nb.stem}.html").read_text()
         assert page.count('src="data:image/png;base64') >= n_png, f"{nb.name}: figures missing from its page"
+
+
+@pytest.mark.slow
+def test_processing_leaves_the_callers_process_alone(tmp_path):
+    "nbdev runs 01_moe's export cells to process it: their Auto-class registration must not replace moebook's here."
+    from transformers import AutoConfig
+    from moebook.moe import MoeLMConfig
+    from moebook.site import process_notebooks
+    cwd, env = os.getcwd(), dict(os.environ)
+    (page,) = process_notebooks([NBS / "01_moe.ipynb"], tmp_path, ROOT)
+    assert page == tmp_path / "01_moe.ipynb" and nbformat.read(page, as_version=4).cells
+    assert type(AutoConfig.for_model(MoeLMConfig.model_type)) is MoeLMConfig  # not a copy defined in `__main__`
+    assert os.getcwd() == cwd and dict(os.environ) == env
 
 
 @pytest.mark.slow
