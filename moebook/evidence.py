@@ -5,7 +5,7 @@
 # %% ../nbs/00a_evidence.ipynb #ae46ca0e
 from __future__ import annotations
 import concurrent.futures as cf
-import dataclasses, functools, hashlib, json, math, multiprocessing, os, subprocess, sys, time
+import dataclasses, functools, hashlib, json, math, multiprocessing, os, sys, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -13,14 +13,14 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 from scipy import stats
 
-from .core import atomic_write_text, record_metrics, to_jsonable
+from .core import _repo_root, atomic_write_text, provenance, record_metrics, to_jsonable
 
 # %% auto #0
 __all__ = ['Z_975', 'Z_80', 'MIN_N', 'VERDICTS', 'KINDS', 'SETTINGS', 'DIRECTIONS', 'MIME', 'REQUIRED', 'PENDING',
            'PAPER_NOTEBOOKS', 'COLOURS', 'EvidenceError', 'Estimate', 'paired_t', 'paired_bootstrap', 'wilson_rate',
            'coverage', 'Precondition', 'Claim', 'validate', 'judge', 'paired_runs', 'RunClock', 'idle_wall_estimate',
-           'provenance', 'seal_runs', 'sealed_runs', 'ledger_markdown', 'show_claims', 'check_record', 'read_claims',
-           'agreement', 'claims_command', 'readme_ledger', 'forest_plot']
+           'seal_runs', 'sealed_runs', 'ledger_markdown', 'show_claims', 'check_record', 'read_claims', 'agreement',
+           'claims_command', 'readme_ledger', 'forest_plot']
 
 # %% ../nbs/00a_evidence.ipynb #38ec83ed
 class EvidenceError(ValueError):
@@ -292,21 +292,6 @@ def idle_wall_estimate(record: dict, # a claim record
 
 # %% ../nbs/00a_evidence.ipynb #8c2939d4
 MIME = "application/vnd.moebook.claims+json"
-
-def _repo_root() -> Path:
-    import moebook
-    return Path(moebook.__file__).resolve().parent.parent
-
-def provenance(root: str | Path | None = None) -> dict[str, Any]:
-    "Git commit of the code and whether tracked files had uncommitted changes (None outside a git checkout)."
-    root = Path(root) if root else _repo_root()
-    def git(*args):
-        try: return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=20)
-        except (OSError, subprocess.SubprocessError): return None
-    head = git("rev-parse", "HEAD")
-    if head is None or head.returncode: return {"commit": None, "dirty": None}
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
 
 def seal_runs(folder: str | Path, # a `cache_dir` of `paired_runs`, complete
               command: str, # the exact command that made the results

@@ -10,7 +10,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Sequence
 
-from .core import METRICS_ENV, atomic_write_text, to_jsonable
+from .core import METRICS_ENV, atomic_write_text, provenance, to_jsonable
 
 # %% auto #0
 __all__ = ['SUPPORTED_TYPES', 'VERSIONED', 'QUIET_ENV', 'INLINE_ENV', 'ParameterError', 'Param', 'parameters_cell',
@@ -160,7 +160,6 @@ INLINE_ENV = {"MPLBACKEND": "module://matplotlib_inline.backend_inline"}
 
 def environment_info(repo: Path) -> dict[str, Any]:
     "Git commit (and whether the tree had uncommitted changes), Python and package versions."
-    from moebook.evidence import provenance
     git = provenance(repo)
     versions = {}
     for pkg in VERSIONED:

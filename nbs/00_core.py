@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Core utilities
 #
-# > Seeds, metric recording, progress bars and atomic files shared by every moebook notebook.
+# > Seeds, metric recording, provenance, progress bars and atomic files shared by every moebook notebook.
 
 # %%
 #| default_exp core
@@ -9,7 +9,7 @@
 # %%
 #| export
 from __future__ import annotations
-import contextlib, json, math, numbers, os, random, tempfile
+import contextlib, json, math, numbers, os, random, subprocess, tempfile
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable
 
@@ -192,6 +192,45 @@ test_fail(lambda: check_float("lr_max", -1e-3), contains="lr_max must be a finit
 test_fail(lambda: check_float("lr", 0.0, strict=True), contains="lr must be a finite number > 0")
 test_fail(lambda: check_float("lr_max", float("nan")), contains="lr_max must be a finite number")
 test_fail(lambda: check_float("lr_max", "3e-4"), contains="lr_max must be a float, got str")
+
+
+# %% [markdown]
+# ## Provenance
+#
+# Every record (a run's `metrics.json`, a claim, a checkpoint manifest) says which code made it: the git commit,
+# and whether tracked files had uncommitted changes then. It lives here, not with the statistics of
+# `moebook.evidence`, because `moebook run` asks for it before every run and this module imports quickly.
+
+# %%
+#| export
+def _repo_root() -> Path:
+    import moebook
+    return Path(moebook.__file__).resolve().parent.parent
+
+def provenance(root: str | Path | None = None, # a folder inside the checkout (default: the one moebook is imported from)
+              ) -> dict[str, Any]:
+    "Git commit of the code and whether tracked files had uncommitted changes (None outside a git checkout)."
+    root = Path(root) if root else _repo_root()
+    def git(*args):
+        try: return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.SubprocessError): return None
+    head = git("rev-parse", "HEAD")
+    if head is None or head.returncode: return {"commit": None, "dirty": None}
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+# %%
+with tempfile.TemporaryDirectory() as d:
+    _git = lambda *a: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=d, check=True,
+                                     capture_output=True, text=True).stdout.strip()
+    test_eq(provenance(d), {"commit": None, "dirty": None})  # not a checkout yet
+    _git("init", "-q"); Path(d, "a.txt").write_text("1"); _git("add", "a.txt"); _git("commit", "-qm", "one")
+    test_eq(provenance(d), {"commit": _git("rev-parse", "HEAD"), "dirty": False})
+    Path(d, "new.txt").write_text("untracked files do not count")
+    test_eq(provenance(d)["dirty"], False)
+    Path(d, "a.txt").write_text("2")
+    test_eq(provenance(d), {"commit": _git("rev-parse", "HEAD"), "dirty": True})
 
 
 # %% [markdown]

@@ -33,7 +33,7 @@
 #| export
 from __future__ import annotations
 import concurrent.futures as cf
-import dataclasses, functools, hashlib, json, math, multiprocessing, os, subprocess, sys, time
+import dataclasses, functools, hashlib, json, math, multiprocessing, os, sys, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 from scipy import stats
 
-from moebook.core import atomic_write_text, record_metrics, to_jsonable
+from moebook.core import _repo_root, atomic_write_text, provenance, record_metrics, to_jsonable
 
 # %%
 import tempfile, time
@@ -496,21 +496,6 @@ test_eq(idle_wall_estimate({"wall_s": 300.0, "cpu_s": 580.0, "load": 0.5}), 300.
 # %%
 #| export
 MIME = "application/vnd.moebook.claims+json"
-
-def _repo_root() -> Path:
-    import moebook
-    return Path(moebook.__file__).resolve().parent.parent
-
-def provenance(root: str | Path | None = None) -> dict[str, Any]:
-    "Git commit of the code and whether tracked files had uncommitted changes (None outside a git checkout)."
-    root = Path(root) if root else _repo_root()
-    def git(*args):
-        try: return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=20)
-        except (OSError, subprocess.SubprocessError): return None
-    head = git("rev-parse", "HEAD")
-    if head is None or head.returncode: return {"commit": None, "dirty": None}
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
 
 def seal_runs(folder: str | Path, # a `cache_dir` of `paired_runs`, complete
               command: str, # the exact command that made the results

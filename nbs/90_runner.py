@@ -37,7 +37,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Sequence
 
-from moebook.core import METRICS_ENV, atomic_write_text, to_jsonable
+from moebook.core import METRICS_ENV, atomic_write_text, provenance, to_jsonable
 
 # %%
 import tempfile, shutil
@@ -262,7 +262,6 @@ INLINE_ENV = {"MPLBACKEND": "module://matplotlib_inline.backend_inline"}
 
 def environment_info(repo: Path) -> dict[str, Any]:
     "Git commit (and whether the tree had uncommitted changes), Python and package versions."
-    from moebook.evidence import provenance
     git = provenance(repo)
     versions = {}
     for pkg in VERSIONED:
