@@ -10,9 +10,9 @@ TORCH := torch==2.13.0
 FAST := not notebook and not slow and not distributed
 PYTEST = MOEBOOK_QUIET=1 $(1)/python -m pytest -q -rs
 MINVENV ?= /tmp/moebook-minvenv
-# `make test` runs the test files in this many processes (pytest-xdist; a file's tests stay together, so its
-# fixtures are built once): 2 cuts the suite from 20 to 14 minutes on the 2-core machine (kernel start-ups and
-# process launches leave cores idle)
+# `make test` runs the tests in this many processes (pytest-xdist, `--dist loadgroup`): tests/conftest.py keeps the
+# tests of a file that share fixtures together and spreads the notebook smoke runs and `moebook run` tests over
+# both processes, the long ones first (kernel start-ups and process launches leave cores idle otherwise)
 TEST_WORKERS ?= 2
 
 .PHONY: help install run test test-fast test-retrain test-min lock site lab export clean-nbs sync execute bench readme
