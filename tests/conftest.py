@@ -68,6 +68,16 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=rank)  # stable: the order within a file is kept
 
 
+def pytest_xdist_node_collection_finished(node, ids):
+    "With `--dist loadgroup`, stop at once if a worker's test ids lack their group (the groups would be scattered)."
+    if node.config.getoption("dist") != "loadgroup": return
+    lost = [i for i in ids if "@" not in i and Path(i.split("::")[0]).name not in INDEPENDENT_TESTS]
+    if lost:
+        raise pytest.UsageError(
+            f"pytest-xdist did not tag {lost[0]} (and {len(lost) - 1} more) with its xdist_group, so `--dist loadgroup` "
+            f"would scatter the groups: pytest {pytest.__version__} is not one that pytest-xdist supports (see pyproject.toml)")
+
+
 @pytest.fixture(scope="session")
 def fallback_site(tmp_path_factory):
     "The site's nbconvert preview, built once per test process (tests/test_site.py and test_site_browser.py read it)."
