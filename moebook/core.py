@@ -24,8 +24,19 @@ def seed_everything(seed: int, # seed for `random`, NumPy and torch (all devices
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int, got {type(seed).__name__} ({seed!r})")
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
-    if deterministic: torch.use_deterministic_algorithms(True, warn_only=True)
+    if deterministic: _use_deterministic_algorithms()
     return torch.Generator().manual_seed(seed)
+
+
+def _use_deterministic_algorithms():
+    "`torch.use_deterministic_algorithms(True, warn_only=True)`, without importing Inductor when it is not loaded yet."
+    # The public call imports torch._inductor (about 2 s) just to set one config flag; a new process (a notebook
+    # kernel, a worker, a rank) that never compiles pays that for nothing. Inductor reads the same flag from
+    # TORCHINDUCTOR_DETERMINISTIC when it is imported later.
+    import sys, torch
+    if "torch._inductor.config" in sys.modules: return torch.use_deterministic_algorithms(True, warn_only=True)
+    os.environ["TORCHINDUCTOR_DETERMINISTIC"] = "1"
+    torch._C._set_deterministic_algorithms(True, warn_only=True)
 
 # %% ../nbs/00_core.ipynb #c0d4d589
 def pick_device(device: str = "auto") -> "torch.device":

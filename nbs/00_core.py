@@ -45,14 +45,45 @@ def seed_everything(seed: int, # seed for `random`, NumPy and torch (all devices
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int, got {type(seed).__name__} ({seed!r})")
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
-    if deterministic: torch.use_deterministic_algorithms(True, warn_only=True)
+    if deterministic: _use_deterministic_algorithms()
     return torch.Generator().manual_seed(seed)
+
+
+def _use_deterministic_algorithms():
+    "`torch.use_deterministic_algorithms(True, warn_only=True)`, without importing Inductor when it is not loaded yet."
+    # The public call imports torch._inductor (about 2 s) just to set one config flag; a new process (a notebook
+    # kernel, a worker, a rank) that never compiles pays that for nothing. Inductor reads the same flag from
+    # TORCHINDUCTOR_DETERMINISTIC when it is imported later.
+    import sys, torch
+    if "torch._inductor.config" in sys.modules: return torch.use_deterministic_algorithms(True, warn_only=True)
+    os.environ["TORCHINDUCTOR_DETERMINISTIC"] = "1"
+    torch._C._set_deterministic_algorithms(True, warn_only=True)
 
 
 # %%
 seed_everything(seed); a = torch.rand(3)
 seed_everything(seed); test_eq(torch.rand(3), a)
 test_fail(lambda: seed_everything(1.5), contains="seed must be an int")
+
+# %% [markdown]
+# In a fresh process `seed_everything` leaves Inductor unloaded and still ends in the state of the public call
+# (deterministic kernels, warnings only, Inductor's deterministic mode once it is imported):
+
+# %%
+#| slow
+_probe = """
+import sys, torch
+from moebook.core import seed_everything
+seed_everything(0)
+state = [torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+         "torch._inductor" in sys.modules]
+import torch._inductor.config
+print(state + [torch._inductor.config.deterministic])
+"""
+import sys
+_env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_DETERMINISTIC"}
+_out = subprocess.run([sys.executable, "-c", _probe], capture_output=True, text=True, env=_env, check=True).stdout
+test_eq(_out.split(), "[True, True, False, True]".split())
 
 
 # %%
