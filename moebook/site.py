@@ -4,7 +4,7 @@
 
 # %% ../nbs/91_site.ipynb #83ee565e
 from __future__ import annotations
-import ast, concurrent.futures as cf, contextlib, copy, html, importlib, json, multiprocessing, os, posixpath, re, shutil, subprocess
+import ast, concurrent.futures as cf, contextlib, copy, gc, html, importlib, json, multiprocessing, os, posixpath, re, shutil, subprocess
 from pathlib import Path
 from typing import Iterable
 
@@ -98,6 +98,9 @@ def _process_notebooks_here(sources: list[Path], dest: Path, root: Path) -> list
         for c in nb.cells: c.pop("has_sd", None)  # nbdev's private mark, not nbformat: readers would log an error
         write_nb(nb, dest / src.name)
         out.append(dest / src.name)
+    # At exit each of nbdev's IPython shells (one per notebook) runs a full garbage collection over everything the
+    # cells imported (torch, transformers): about 0.5 s each. Frozen objects are skipped by those collections.
+    gc.freeze()
     return out
 
 # %% ../nbs/91_site.ipynb #a9b9dcfd
@@ -378,7 +381,7 @@ def build_site(out: str | Path = "_site", # output folder, relative to the proje
     if runs_dir is not None:
         sources.update(default_runs(root / runs_dir, list(sources.values())))
     records = {k: rec for k, p in sources.items() if (rec := run_record(p))}
-    proc = root / "_proc"
+    proc = out.parent / "_proc"  # `make site`: the project's _proc/, as nbdev has it
     shutil.rmtree(proc, ignore_errors=True)
     processed = process_notebooks(list(sources.values()), proc, root)
     add_run_notes(processed, records)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 # can check a run's parameters and answer in a fraction of a second.
 
 # %%
+import sys
 import torch
 from fastcore.test import test_eq, test_fail, test_close
 
@@ -80,7 +81,6 @@ state = [torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_al
 import torch._inductor.config
 print(state + [torch._inductor.config.deterministic])
 """
-import sys
 _env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_DETERMINISTIC"}
 _out = subprocess.run([sys.executable, "-c", _probe], capture_output=True, text=True, env=_env, check=True).stdout
 test_eq(_out.split(), "[True, True, False, True]".split())

@@ -9,7 +9,8 @@
 # 1. choose the notebook versions to render: the ones in `nbs/` (committed with their outputs), or with
 #    `--from-runs`, each notebook's latest successful `moebook run`;
 # 2. process them the way `nbdev_proc_nbs` does (directives applied, `show_doc` cells added for exported
-#    symbols, hidden cells dropped) into `_proc/`, beside a copy of `_quarto.yml` and `nbs/styles.css`;
+#    symbols, hidden cells dropped) into `_proc/` beside the output folder (so two builds with different
+#    outputs never share it), with a copy of `_quarto.yml` and `nbs/styles.css`;
 #    pages rendered from a run get a line saying which run, with which parameters and how long it took;
 # 3. `quarto render _proc` when `quarto` is on `PATH`. Otherwise the same processed notebooks are converted
 #    with `nbconvert`: one page per notebook, figures embedded, math typeset by a local copy of MathJax,
@@ -26,7 +27,7 @@
 # %%
 #| export
 from __future__ import annotations
-import ast, concurrent.futures as cf, contextlib, copy, html, importlib, json, multiprocessing, os, posixpath, re, shutil, subprocess
+import ast, concurrent.futures as cf, contextlib, copy, gc, html, importlib, json, multiprocessing, os, posixpath, re, shutil, subprocess
 from pathlib import Path
 from typing import Iterable
 
@@ -153,6 +154,9 @@ def _process_notebooks_here(sources: list[Path], dest: Path, root: Path) -> list
         for c in nb.cells: c.pop("has_sd", None)  # nbdev's private mark, not nbformat: readers would log an error
         write_nb(nb, dest / src.name)
         out.append(dest / src.name)
+    # At exit each of nbdev's IPython shells (one per notebook) runs a full garbage collection over everything the
+    # cells imported (torch, transformers): about 0.5 s each. Frozen objects are skipped by those collections.
+    gc.freeze()
     return out
 
 
@@ -599,7 +603,7 @@ def build_site(out: str | Path = "_site", # output folder, relative to the proje
     if runs_dir is not None:
         sources.update(default_runs(root / runs_dir, list(sources.values())))
     records = {k: rec for k, p in sources.items() if (rec := run_record(p))}
-    proc = root / "_proc"
+    proc = out.parent / "_proc"  # `make site`: the project's _proc/, as nbdev has it
     shutil.rmtree(proc, ignore_errors=True)
     processed = process_notebooks(list(sources.values()), proc, root)
     add_run_notes(processed, records)
@@ -628,6 +632,7 @@ if demo:
         site = build_site(out=Path(d) / "site", use_quarto=False, notebooks=["index.ipynb", "00_core.ipynb"])
         assert said.getvalue().startswith("Quarto is not installed: built the nbconvert fallback preview instead")
         test_eq(sorted(p.name for p in site.glob("*.html")), ["00_core.html", "index.html"])
+        test_eq(sorted(p.name for p in (Path(d) / "_proc").glob("*.ipynb")), ["00_core.ipynb", "index.ipynb"])
         page = (site / "index.html").read_text()
         assert "Static preview built with nbconvert" in page and 'href="00_core.html"' in page
         assert '<h1 class="title">moebook</h1>' in page and "What `make run` produced" not in page  # no runs, no run table
