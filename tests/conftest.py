@@ -72,6 +72,7 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=rank)  # stable: the order within a file is kept
 
 
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: without xdist it is never called
 def pytest_xdist_node_collection_finished(node, ids):
     "With `--dist loadgroup`, stop at once if a worker's test ids lack their group (the groups would be scattered)."
     if node.config.getoption("dist") != "loadgroup": return
