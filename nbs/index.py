@@ -18,9 +18,10 @@ show_runs: bool = False  # list the recorded runs below the summary
 # make test   # venv + install, run the test suite, every notebook once (this is what CI runs)
 # ```
 #
-# `make test` on a fresh clone took 16.4 minutes on an idle 2-core machine (2026-12-02, commit faf0cd1: 2.4 min
-# install, 14.0 min of tests in 2 pytest-xdist processes, every notebook once as a papermill smoke run; 19.6 min of
-# tests in one process); `make test-fast` (no notebooks, no processes) takes about 1 minute.
+# `make test` on a fresh clone took 8.3 minutes on an idle 2-core machine (2026-12-03, commit 301dbfa: 1.7 min
+# install, 6.6 min of tests in 2 pytest-xdist processes, every notebook once as a papermill smoke run); on the same
+# machine the time of one suite has varied by up to 1.5x between days. `make test-fast` (no notebooks, no
+# processes) takes about 1 minute.
 #
 # `make run` prints where the executed notebooks (`runs/`) and the website (`_site/index.html`) are.
 #
