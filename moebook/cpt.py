@@ -545,7 +545,8 @@ def committed_pretraining(cfg: CPTConfig, variants: Sequence[str], seeds: Sequen
             run = m["runs"].get(f"{v}-seed{s}")
             if run is None or run["key"] != key:
                 raise ValueError(f"{folder}: no committed checkpoint of {v} seed {s} with key {key} (the committed one has "
-                                 f"{run['key'] if run else 'none'}; the settings differ from those that made them): run with pretrain=True")
+                                 f"{run['key'] if run else 'none'}; the settings, or the Python or tokenizers version in the corpus "
+                                 f"key, differ from those that made them): run with pretrain=True")
             for name in (*run["weights"].values(), run["histories"]):
                 if _sha256(folder / name) != m["files"][name]["sha256"]: raise ValueError(f"{folder / name}: sha256 differs from the manifest")
             hist = json.loads((folder / run["histories"]).read_text())

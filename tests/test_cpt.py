@@ -1,7 +1,7 @@
 """moebook.cpt: checkpoint keys cover every setting, FLOP-matched models, the pre-training -> CPT hand-off, the committed
 checkpoints, retraining reproduces them, and a continual phase killed with SIGKILL resumes to exactly the metrics of an
 uninterrupted run."""
-import dataclasses, hashlib, json, os, signal, subprocess, sys, textwrap, time
+import dataclasses, hashlib, json, os, re, signal, subprocess, sys, textwrap, time
 from pathlib import Path
 
 import pytest
@@ -134,8 +134,17 @@ def test_committed_checkpoints_are_complete_and_small():
     for name, meta in m["files"].items():
         assert hashlib.sha256((CHECKPOINT_DIR / name).read_bytes()).hexdigest() == meta["sha256"], name
     assert sum(p.stat().st_size for p in CHECKPOINT_DIR.iterdir()) <= 8 * 2**20
-    cfg = CPTConfig()  # the notebook's defaults find every run by its key
-    got = committed_pretraining(cfg, DEFAULT_VARIANTS, m["seeds"])
+
+
+def test_notebook_defaults_find_every_committed_run():
+    "The runs are keyed by their settings and by the corpus key, which includes the tokenizers version."
+    import tokenizers
+    # they were made with the lock's tokenizers; `make test` installs the lock, `make test-min` the floors
+    locked = re.search(r"^tokenizers==(\S+)$", (ROOT / "constraints.txt").read_text(), re.M)[1]
+    if tokenizers.__version__ != locked:
+        pytest.skip(f"tokenizers {tokenizers.__version__} is installed; the committed runs are keyed to {locked} (constraints.txt)")
+    m = json.loads((CHECKPOINT_DIR / "manifest.json").read_text())
+    got = committed_pretraining(CPTConfig(), DEFAULT_VARIANTS, m["seeds"])
     assert len(got) == len(DEFAULT_VARIANTS) * len(m["seeds"])
     assert all("d2_only" in got[("dense", s)] for s in m["seeds"])  # the shift precondition's model
 
