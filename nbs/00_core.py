@@ -9,7 +9,7 @@
 # %%
 #| export
 from __future__ import annotations
-import contextlib, json, math, numbers, os, random, subprocess, tempfile
+import contextlib, json, math, numbers, os, random, subprocess, sys, tempfile
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable
 
@@ -55,7 +55,7 @@ def _use_deterministic_algorithms():
     # The public call imports torch._inductor (about 2 s) just to set one config flag; a new process (a notebook
     # kernel, a worker, a rank) that never compiles pays that for nothing. Inductor reads the same flag from
     # TORCHINDUCTOR_DETERMINISTIC when it is imported later.
-    import sys, torch
+    import torch
     if "torch._inductor.config" in sys.modules: return torch.use_deterministic_algorithms(True, warn_only=True)
     os.environ["TORCHINDUCTOR_DETERMINISTIC"] = "1"
     torch._C._set_deterministic_algorithms(True, warn_only=True)
